@@ -1,0 +1,30 @@
+"""Errors users can fix, and how every charrnn CLI reports them: exit code 2, one line."""
+
+import contextlib
+
+import click
+
+
+class CharrnnError(ValueError):
+    """Bad input or an unusable model/environment; the message says what to fix."""
+
+
+class BadInput(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"Error: {self.format_message()}", err=True, file=file)
+
+
+@contextlib.contextmanager
+def cli_errors():
+    """Turn the errors a user can fix into one readable line and exit code 2."""
+    try:
+        yield
+    except (CharrnnError, OSError) as e:
+        raise BadInput(str(e)) from None
+
+
+def require_extra(extra, command):
+    """Import guard for optional dependencies: say which install fixes it."""
+    raise BadInput(f"{command} needs the [{extra}] extra: pip install 'charrnn[{extra}]'")

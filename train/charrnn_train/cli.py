@@ -1,0 +1,49 @@
+"""charrnn-train: train the report's character GRU on any UTF-8 text."""
+
+import os
+import time
+
+import click
+
+from charrnn_runtime.errors import BadInput, cli_errors, require_extra
+
+DEFAULTS_NOTE = "Defaults reproduce the report: Tiny Shakespeare, 10 epochs of 172 steps."
+
+
+@click.command(help=__doc__.split(":", 1)[1].strip() + "\n\n" + DEFAULTS_NOTE)
+@click.option("--corpus", type=click.Path(dir_okay=False), default=None,
+              help="UTF-8 text file to train on.  [default: the bundled tinyshakespeare.txt]")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seq-length", type=int, default=100, show_default=True,
+              help="Characters per training sequence.")
+@click.option("--buffer-size", type=int, default=10_000, show_default=True, help="Shuffle buffer size.")
+@click.option("--embedding-dim", type=int, default=256, show_default=True)
+@click.option("--units", type=int, default=1024, show_default=True, help="GRU units.")
+@click.option("--learning-rate", type=float, default=0.001, show_default=True, help="Adam learning rate.")
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="Seeds weight init and the per-epoch shuffle.")
+@click.option("--validation-fraction", type=float, default=0.0, show_default=True,
+              help="Tail of the corpus held out; its loss and bits/char are reported each epoch.")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Run directory to create.  [default: runs/charrnn-YYYYmmdd-HHMMSS]")
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="Continue a stopped or killed run from its last completed epoch (other options are ignored).")
+def main(corpus, out, resume, **options):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from . import train as training
+    except ImportError:
+        require_extra("train", "charrnn-train")
+    with cli_errors():
+        if resume:
+            run = training.Run.open(resume)
+        else:
+            config = training.Config(**options)
+            if corpus:
+                config.corpus = corpus
+            run = training.start(config, out or time.strftime("runs/charrnn-%Y%m%d-%H%M%S"))
+        if len(run.history) >= run.config.epochs and run.model_file.exists():
+            raise BadInput(f"run {run.path} is already complete ({run.config.epochs} epochs)")
+        training.train(run, log=lambda line: click.echo(line, err=True))
+    click.echo(str(run.model_file))

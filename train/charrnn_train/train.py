@@ -1,0 +1,208 @@
+"""Training runs: config → run directory with vocabulary, history, per-epoch checkpoints, final model.
+
+A run directory holds
+    config.json       what was trained (with the corpus' sha256)
+    vocab.json        the characters, index = token id
+    history.json      one record per completed epoch; the commit record of the run
+    checkpoints/      epoch-NNNN.keras: weights + optimizer state of the last completed epoch
+    model.keras       the final model (no optimizer state), written when the last epoch completes
+    loss.png          loss curve
+Every file is written atomically, and a checkpoint counts only once history.json names its epoch,
+so `kill -9` at any moment loses at most the epoch in progress.
+"""
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import keras
+
+from charrnn_runtime import files
+from charrnn_runtime.errors import CharrnnError
+
+from . import data
+from .model import build_model, compile_model
+
+LN2 = math.log(2)
+
+
+@dataclasses.dataclass
+class Config:
+    """Defaults are the report's setup."""
+
+    corpus: str = str(data.DEFAULT_CORPUS)
+    epochs: int = 10
+    batch_size: int = 64
+    seq_length: int = 100
+    buffer_size: int = 10_000
+    embedding_dim: int = 256
+    units: int = 1024
+    learning_rate: float = 0.001
+    seed: int = 42
+    validation_fraction: float = 0.0
+
+    def check(self):
+        for name in ("epochs", "batch_size", "seq_length", "buffer_size", "embedding_dim", "units"):
+            if getattr(self, name) < 1:
+                raise CharrnnError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            raise CharrnnError(f"learning-rate must be a positive number, got {self.learning_rate}")
+        if not 0 <= self.validation_fraction < 1:
+            raise CharrnnError(f"validation-fraction must be in [0, 1), got {self.validation_fraction}")
+
+
+class Run:
+    """The files of one run directory."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.config_file = self.path / "config.json"
+        self.vocab_file = self.path / "vocab.json"
+        self.history_file = self.path / "history.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.model_file = self.path / "model.keras"
+        self.plot_file = self.path / "loss.png"
+
+    @classmethod
+    def open(cls, path):
+        run = cls(path)
+        if not (run.config_file.is_file() and run.vocab_file.is_file() and run.history_file.is_file()):
+            raise CharrnnError(f"not a charrnn training run (no config.json/vocab.json/history.json): {path}")
+        try:
+            meta = json.loads(run.config_file.read_text())
+            run.config, run.corpus_sha256 = Config(**meta["config"]), meta["corpus_sha256"]
+            run.vocab = json.loads(run.vocab_file.read_text())
+            run.history = json.loads(run.history_file.read_text())
+        except (ValueError, TypeError, KeyError) as e:
+            raise CharrnnError(f"run directory is damaged ({e}): {path}") from None
+        return run
+
+    def checkpoint(self, epoch):
+        return self.checkpoints / f"epoch-{epoch:04d}.keras"
+
+
+class Progress(keras.callbacks.Callback):
+    """A progress bar per epoch with the running loss (redrawn in place on a terminal)."""
+
+    def __init__(self, epoch, epochs, steps, stream=sys.stderr):
+        super().__init__()
+        self.epoch, self.epochs, self.steps, self.stream = epoch, epochs, steps, stream
+        self.tty = stream.isatty()
+        self.last_draw = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.monotonic()
+        done = batch + 1
+        if done < self.steps and now - self.last_draw < (0.2 if self.tty else 30):
+            return
+        self.last_draw = now
+        filled = int(30 * done / self.steps)
+        line = (f"epoch {self.epoch}/{self.epochs} [{'=' * filled}{' ' * (30 - filled)}] "
+                f"{done}/{self.steps} loss {logs['loss']:.4f}")
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def on_train_end(self, logs=None):
+        if self.tty:
+            self.stream.write("\r\033[K")
+
+
+def start(config, run_dir):
+    """Create a new run directory for `config`."""
+    config.check()
+    run = Run(run_dir)
+    if run.path.exists() and any(run.path.iterdir()):
+        raise CharrnnError(f"output directory exists and is not empty: {run.path} (use --resume to continue a run)")
+    text = data.read_corpus(config.corpus)
+    vocab = data.build_vocab(text)
+    data.split(data.encode(text, vocab), config.seq_length, config.batch_size,
+               config.buffer_size, config.seed, config.validation_fraction)  # fail early if too short
+    config.corpus = str(Path(config.corpus).resolve())
+    files.write_json(run.vocab_file, vocab)
+    files.write_json(run.config_file, {"config": dataclasses.asdict(config),
+                                       "corpus_sha256": files.sha256_file(config.corpus),
+                                       "corpus_chars": len(text),
+                                       "keras_backend": keras.backend.backend()})
+    files.write_json(run.history_file, [])
+    return Run.open(run.path)
+
+
+def train(run, log=print, callbacks=()):
+    """Train `run` from its last completed epoch to config.epochs; return the history."""
+    config = run.config
+    text = data.read_corpus(config.corpus)
+    if files.sha256_file(config.corpus) != run.corpus_sha256:
+        raise CharrnnError(f"corpus {config.corpus} changed since the run started (sha256 differs)")
+    train_set, validation = data.split(data.encode(text, run.vocab), config.seq_length, config.batch_size,
+                                       config.buffer_size, config.seed, config.validation_fraction)
+    done = len(run.history)
+    if done:
+        model = keras.models.load_model(run.checkpoint(done))
+        log(f"resuming {run.path} after epoch {done}/{config.epochs}")
+    else:
+        keras.utils.set_random_seed(config.seed)
+        model = compile_model(build_model(len(run.vocab), config.embedding_dim, config.units),
+                              config.learning_rate)
+        log(f"training {run.path}: {model.count_params():,} parameters, "
+            f"{train_set.steps_per_epoch} steps/epoch, {config.epochs} epochs")
+
+    for epoch in range(done + 1, config.epochs + 1):
+        inputs, targets = train_set.epoch(epoch)
+        started = time.perf_counter()
+        fit = model.fit(inputs, targets, batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[Progress(epoch, config.epochs, train_set.steps_per_epoch), *callbacks])
+        record = {"epoch": epoch, "loss": fit.history["loss"][-1]}
+        record["bits_per_char"] = record["loss"] / LN2
+        if validation is not None:
+            record["val_loss"] = float(model.evaluate(*validation, batch_size=config.batch_size, verbose=0))
+            record["val_bits_per_char"] = record["val_loss"] / LN2
+        record["seconds"] = time.perf_counter() - started
+
+        with files.atomic_path(run.checkpoint(epoch)) as tmp:
+            model.save(tmp)
+        run.history.append(record)
+        files.write_json(run.history_file, run.history)  # the epoch now counts
+        for old in run.checkpoints.glob("epoch-*.keras"):
+            if old != run.checkpoint(epoch):
+                old.unlink()
+        log(summary(record))
+
+    if done < config.epochs or not run.model_file.exists():
+        final = build_model(len(run.vocab), config.embedding_dim, config.units)
+        final.set_weights(model.get_weights())
+        with files.atomic_path(run.model_file) as tmp:
+            final.save(tmp)
+        plot_history(run.history, run.plot_file)
+    return run.history
+
+
+def summary(record):
+    line = f"epoch {record['epoch']}: loss {record['loss']:.4f} ({record['bits_per_char']:.3f} bits/char)"
+    if "val_loss" in record:
+        line += f", val loss {record['val_loss']:.4f} ({record['val_bits_per_char']:.3f} bits/char)"
+    return line + f", {record['seconds']:.1f} s"
+
+
+def plot_history(history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["loss"] for r in history], marker="o", label="training loss")
+    if history and "val_loss" in history[0]:
+        ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy (nats/char)")
+    ax.set_xticks(epochs)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
