@@ -16,6 +16,16 @@ class BadInput(click.ClickException):
         click.echo(f"Error: {self.format_message()}", err=True, file=file)
 
 
+class Command(click.Command):
+    """A click command whose usage errors are one line (no usage dump), exit code 2."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            raise BadInput(e.format_message()) from None
+
+
 @contextlib.contextmanager
 def cli_errors():
     """Turn the errors a user can fix into one readable line and exit code 2."""

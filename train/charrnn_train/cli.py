@@ -5,12 +5,12 @@ import time
 
 import click
 
-from charrnn_runtime.errors import BadInput, cli_errors, require_extra
+from charrnn_runtime.errors import BadInput, Command, cli_errors, require_extra
 
 DEFAULTS_NOTE = "Defaults reproduce the report: Tiny Shakespeare, 10 epochs of 172 steps."
 
 
-@click.command(help=__doc__.split(":", 1)[1].strip() + "\n\n" + DEFAULTS_NOTE)
+@click.command(cls=Command, help=__doc__.split(":", 1)[1].strip() + "\n\n" + DEFAULTS_NOTE)
 @click.option("--corpus", type=click.Path(dir_okay=False), default=None,
               help="UTF-8 text file to train on.  [default: the bundled tinyshakespeare.txt]")
 @click.option("--epochs", type=int, default=10, show_default=True)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from charrnn_runtime.errors import CharrnnError
+
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 
 
-class CorpusError(ValueError):
+class CorpusError(CharrnnError):
     """The corpus cannot be used for training (missing, empty, not UTF-8, too short)."""
 
 

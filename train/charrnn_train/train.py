@@ -49,7 +49,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise CharrnnError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
-            raise CharrnnError(f"learning-rate must be a positive number, got {self.learning_rate}")
+            raise CharrnnError(f"learning-rate must be positive (a finite number), got {self.learning_rate}")
         if not 0 <= self.validation_fraction < 1:
             raise CharrnnError(f"validation-fraction must be in [0, 1), got {self.validation_fraction}")
 
@@ -138,6 +138,8 @@ def train(run, log=print, callbacks=()):
         raise CharrnnError(f"corpus {config.corpus} changed since the run started (sha256 differs)")
     train_set, validation = data.split(data.encode(text, run.vocab), config.seq_length, config.batch_size,
                                        config.buffer_size, config.seed, config.validation_fraction)
+    for stale in run.path.rglob(".*.tmp*"):  # left by a kill during an atomic write
+        stale.unlink()
     done = len(run.history)
     if done:
         model = keras.models.load_model(run.checkpoint(done))

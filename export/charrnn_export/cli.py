@@ -1,0 +1,37 @@
+"""charrnn-export: turn a trained run into a validated model bundle (SavedModel + ONNX + int8 ONNX)."""
+
+import os
+from pathlib import Path
+
+import click
+
+from charrnn_runtime.errors import Command, cli_errors, require_extra
+
+EPILOG = ("Every export is validated: held-out text is teacher-forced through the Keras model and stepped "
+          "through the SavedModel, the ONNX model (onnxruntime) and onnx's reference evaluator; any logit "
+          "or bits/char difference over the tolerance fails the export and nothing is written.")
+
+
+@click.command(cls=Command, help=__doc__.split(":", 1)[1].strip(), epilog=EPILOG)
+@click.argument("source", type=click.Path())
+@click.argument("out", type=click.Path(), required=False)
+@click.option("--force", is_flag=True, help="Replace OUT if it is an existing bundle (atomically).")
+@click.option("--vocab", "vocab_file", type=click.Path(dir_okay=False), default=None,
+              help="vocab.json for a bare .keras SOURCE.  [default: vocab.json beside it]")
+@click.option("--validation-text", type=click.Path(dir_okay=False), default=None,
+              help="UTF-8 text to validate on.  [default: the run's held-out split, else its corpus' tail]")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Max abs difference allowed for every logit and for bits/char.")
+def main(source, out, force, vocab_file, validation_text, tolerance):
+    """SOURCE is a run directory from charrnn-train or a .keras file; OUT defaults to SOURCE/bundle."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a GPU-traced GRU emits CudnnRNN ops tf2onnx cannot convert
+    try:
+        from .export import Source, export
+    except ImportError:
+        require_extra("train", "charrnn-export")
+    with cli_errors():
+        out = out or (Path(source) / "bundle" if Path(source).is_dir() else Path(source).with_suffix(".bundle"))
+        export(Source(source, vocab_file), out, force=force, validation_text=validation_text,
+               tolerance=tolerance, log=lambda line: click.echo(line, err=True))
+    click.echo(str(out))

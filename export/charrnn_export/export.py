@@ -1,0 +1,222 @@
+"""Trained run (or .keras model) → model bundle, validated before it is written.
+
+A bundle is a directory:
+    manifest.json     vocabulary, shapes, tensor names, training facts, validation, sha256 of every file
+    model.onnx        the single-step cell (fp32); its metadata carries the manifest's facts
+    model.int8.onnx   the same cell with int8 weights (onnxruntime dynamic quantization)
+    saved_model/      the cell as a TensorFlow SavedModel (serving signature = the step)
+    training/         what it was trained with: config, vocabulary, history, loss plot, Keras model
+It is built in a temporary directory and renamed into place only after validation passed.
+"""
+
+import json
+import logging
+import platform
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import tensorflow as tf
+import tf2onnx
+from onnx.reference import ReferenceEvaluator
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from charrnn_runtime import files
+from charrnn_runtime.bundle import FORMAT, FORMAT_VERSION, METADATA_KEY, VARIANTS
+from charrnn_runtime.errors import CharrnnError
+from charrnn_train.data import encode, read_corpus
+from charrnn_train.train import Run
+
+from . import validate
+from .cell import TENSORS, Cell, cell_weights
+
+OPSET = 18  # the newest tf2onnx 1.17 knows
+TRAINING_FILES = ("config.json", "vocab.json", "history.json", "loss.png", "model.keras")
+VALIDATION_TAIL_CHARS = 4000
+
+
+class Source:
+    """What is exported: a Keras model, its vocabulary, and (for a run) its training facts."""
+
+    def __init__(self, path, vocab_file=None):
+        path = Path(path)
+        self.run = None
+        if path.is_dir():
+            self.run = Run.open(path)
+            if not self.run.model_file.is_file():
+                raise CharrnnError(f"run {path} has no final model.keras yet ({len(self.run.history)}/"
+                                   f"{self.run.config.epochs} epochs): finish it with charrnn-train --resume")
+            model_file, self.vocab = self.run.model_file, self.run.vocab
+        elif path.is_file() and path.suffix == ".keras":
+            model_file = path
+            vocab_file = Path(vocab_file or path.with_name("vocab.json"))
+            try:
+                self.vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise CharrnnError(f"no vocabulary for {path}: pass --vocab VOCAB.json") from None
+        elif path.exists():
+            raise CharrnnError(f"not a trained model or run: {path} (expected a run directory or a .keras file)")
+        else:
+            raise CharrnnError(f"no such run or model: {path}")
+        try:
+            self.model = keras.models.load_model(model_file, compile=False)
+        except Exception as e:  # Keras raises many types for damaged/foreign files
+            raise CharrnnError(f"cannot load Keras model {model_file}: {e}") from None
+        if not (isinstance(self.vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in self.vocab)):
+            raise CharrnnError("vocabulary must be a JSON list of single characters")
+        self.weights = cell_weights(self.model)
+        if self.weights["table"].shape[0] != len(self.vocab):
+            raise CharrnnError(f"model has {self.weights['table'].shape[0]} tokens, vocabulary {len(self.vocab)}")
+
+    def validation_text(self, path=None):
+        """(text, description): the given file, else the run's held-out tail, else its corpus' tail."""
+        if path:
+            return read_corpus(path), {"source": str(path), "held_out": True}
+        if self.run is None:
+            raise CharrnnError("a bare .keras model needs --validation-text FILE to validate the export")
+        config = self.run.config
+        text = read_corpus(config.corpus)
+        if config.validation_fraction > 0:
+            tail = text[len(text) - int(len(text) * config.validation_fraction):]
+            return tail, {"source": f"validation split of {config.corpus}", "held_out": True}
+        return text[-VALIDATION_TAIL_CHARS:], {"source": f"last {VALIDATION_TAIL_CHARS} characters of "
+                                               f"{config.corpus} (seen in training)", "held_out": False}
+
+    def training_facts(self):
+        if self.run is None:
+            return None
+        last = self.run.history[-1]
+        return {"config": self.run.config.__dict__, "epochs_trained": len(self.run.history),
+                "final": {k: v for k, v in last.items() if k != "seconds"}}
+
+    def encode(self, text):
+        unknown = sorted(set(text) - set(self.vocab))
+        if unknown:
+            raise CharrnnError(f"validation text has characters outside the vocabulary: {unknown!r}")
+        return encode(text, self.vocab)
+
+
+def to_onnx(cell):
+    proto, _ = tf2onnx.convert.from_function(cell.step, input_signature=cell.step.input_signature, opset=OPSET)
+    proto.producer_name = "charrnn (tf2onnx)"
+    return proto
+
+
+def onnx_step(session):
+    return lambda char, hidden: session.run([TENSORS["logits"], TENSORS["next_hidden"]],
+                                            {TENSORS["char"]: char, TENSORS["hidden"]: hidden})
+
+
+def saved_model_step(path):
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+    def step(char, hidden):
+        out = serve(**{TENSORS["char"]: tf.constant(char), TENSORS["hidden"]: tf.constant(hidden)})
+        return out[TENSORS["logits"]].numpy(), out[TENSORS["next_hidden"]].numpy()
+    return step
+
+
+def reference_step(proto):
+    evaluator = ReferenceEvaluator(proto)
+    return lambda char, hidden: evaluator.run(None, {TENSORS["char"]: char, TENSORS["hidden"]: hidden})
+
+
+def cpu_session(model):
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+
+
+def quantize_int8(fp32_path, int8_path):
+    """Dynamic int8 quantization of the matmul weights (the gather table stays fp32)."""
+    logging.disable(logging.WARNING)  # it advises shape pre-processing, which is for conv nets
+    try:
+        quantize_dynamic(fp32_path, int8_path, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def int8_cost(fp32_path, int8_path, ids, units):
+    """Bits per character of both variants on the validation text (4 rows, teacher-forced)."""
+    rows = validate.segments(ids, 4, len(ids) // 4 - 1)
+    bpc = [validate.bits_per_char(validate.step_through(onnx_step(cpu_session(str(path))), rows[:, :-1], units),
+                                  rows[:, 1:]) for path in (fp32_path, int8_path)]
+    return {"bits_per_char": bpc[1], "fp32_bits_per_char": bpc[0], "cost_bits_per_char": bpc[1] - bpc[0]}
+
+
+def versions():
+    return {"charrnn": _charrnn_version(), "python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": keras.__version__, "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__, "numpy": np.__version__}
+
+
+def _charrnn_version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("charrnn")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def set_metadata(proto, facts):
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(facts, ensure_ascii=False)
+
+
+def export(source, out, force=False, validation_text=None, tolerance=validate.TOLERANCE, log=print):
+    """Write the bundle for `source` (a Source) to `out`; return the manifest."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise CharrnnError(f"output exists: {out} (use --force to replace it)")
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise CharrnnError(f"refusing to replace {out}: it is not a charrnn bundle")
+    text, text_facts = source.validation_text(validation_text)
+    ids = source.encode(text)
+    vocab_size, units = len(source.vocab), source.weights["recurrent_kernel"].shape[0]
+
+    with files.atomic_directory(out, replace=force) as tmp:
+        cell = Cell(source.weights)
+        tf.saved_model.save(cell, str(tmp / "saved_model"),
+                            signatures={"serving_default": cell.step.get_concrete_function()})
+        proto = to_onnx(cell)
+        onnx.checker.check_model(proto, full_check=True)
+        log(f"validating on {len(ids):,} characters ({text_facts['source']})")
+        results = validate.compare(source.model, {
+            "saved_model": saved_model_step(tmp / "saved_model"),
+            "onnx": onnx_step(cpu_session(proto.SerializeToString())),
+            "onnx-reference": reference_step(proto),
+        }, ids, units, tolerance=tolerance, log=log)
+
+        facts = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "vocab": source.vocab, "vocab_size": vocab_size, "units": units,
+            "tensors": TENSORS, "initial_state": "zeros",
+            "training": source.training_facts(), "versions": versions(),
+            "validation": {"text": {**text_facts, "chars": len(ids)}, **results},
+        }
+        fp32_path, int8_path = tmp / VARIANTS["fp32"], tmp / VARIANTS["int8"]
+        onnx.save_model(proto, str(fp32_path))
+        quantize_int8(str(fp32_path), str(int8_path))
+        facts["validation"]["int8"] = int8_cost(fp32_path, int8_path, ids, units)
+        log(f"int8         bits/char {facts['validation']['int8']['bits_per_char']:.4f}, cost "
+            f"{facts['validation']['int8']['cost_bits_per_char']:+.4f} vs fp32 (held-out: {text_facts['held_out']})")
+        for variant, path in (("fp32", fp32_path), ("int8", int8_path)):
+            model = onnx.load_model(str(path))
+            set_metadata(model, {**facts, "variant": variant})
+            onnx.save_model(model, str(path))
+
+        if source.run is not None:
+            (tmp / "training").mkdir()
+            for name in TRAINING_FILES:
+                if (source.run.path / name).is_file():
+                    shutil.copy2(source.run.path / name, tmp / "training" / name)
+
+        manifest = {**facts, "variants": VARIANTS, "files": {
+            str(p.relative_to(tmp)): files.sha256_file(p)
+            for p in sorted(tmp.rglob("*")) if p.is_file()}}
+        files.write_json(tmp / "manifest.json", manifest)
+    log(f"wrote {out}")
+    return manifest

@@ -1,0 +1,74 @@
+"""Model bundles on disk: find the ONNX file, read its facts, check they fit the graph.
+
+A bundle directory has manifest.json and one ONNX file per variant; a bare model.onnx works too,
+because the exporter writes the same facts into the ONNX metadata under METADATA_KEY.
+"""
+
+import json
+from pathlib import Path
+
+from . import files
+from .errors import CharrnnError
+
+FORMAT = "charrnn"
+FORMAT_VERSION = 1
+METADATA_KEY = "charrnn"
+VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "shakespeare"
+
+
+def locate(path, variant="fp32"):
+    """(onnx_path, expected_sha256 or None) for a bundle directory or a bare .onnx file."""
+    if variant not in VARIANTS:
+        raise CharrnnError(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
+    path = Path(path)
+    if path.is_file():
+        return path, None
+    if not path.exists():
+        raise CharrnnError(f"model not found: {path}")
+    manifest_file = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        name = manifest["variants"][variant]
+        expected = manifest["files"][name]
+    except FileNotFoundError:
+        raise CharrnnError(f"not a charrnn model bundle (no manifest.json): {path}") from None
+    except (ValueError, KeyError, TypeError):
+        raise CharrnnError(f"damaged manifest.json in {path} (no {variant} model listed)") from None
+    return path / name, expected
+
+
+def verify(onnx_path, expected_sha256):
+    """sha256 of the file; a mismatch with the manifest means a corrupted or replaced model."""
+    digest = files.sha256_file(onnx_path)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise CharrnnError(f"model file is corrupted or was modified: {onnx_path} (sha256 does not match "
+                           "manifest.json; re-export the bundle)")
+    return digest
+
+
+def read_facts(session, source):
+    """The charrnn facts from the ONNX metadata, checked against the graph's real shapes."""
+    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if raw is None:
+        raise CharrnnError(f"not a charrnn model (ONNX file has no '{METADATA_KEY}' metadata): {source}")
+    try:
+        facts = json.loads(raw)
+        if facts["format"] != FORMAT or facts["format_version"] > FORMAT_VERSION:
+            raise CharrnnError(f"unsupported model format {facts['format']} v{facts['format_version']}: {source}")
+        vocab, units, tensors = facts["vocab"], int(facts["units"]), facts["tensors"]
+    except (ValueError, KeyError, TypeError):
+        raise CharrnnError(f"damaged charrnn metadata in {source}") from None
+
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    expected = {tensors["char"]: (inputs, 1, None), tensors["hidden"]: (inputs, 2, units),
+                tensors["logits"]: (outputs, 2, len(vocab)), tensors["next_hidden"]: (outputs, 2, units)}
+    for name, (where, rank, width) in expected.items():
+        shape = where.get(name)
+        if shape is None or len(shape) != rank or (width is not None and shape[-1] != width):
+            raise CharrnnError(f"metadata does not match the model in {source}: tensor '{name}' has shape "
+                               f"{shape}, metadata says rank {rank}" + (f" width {width}" if width else ""))
+    if facts["vocab_size"] != len(vocab) or len(set(vocab)) != len(vocab):
+        raise CharrnnError(f"damaged vocabulary in the metadata of {source}")
+    return facts

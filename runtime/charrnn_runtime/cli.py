@@ -1,0 +1,89 @@
+"""charrnn-run: generate text from a charrnn model with onnxruntime."""
+
+import json
+import sys
+import time
+
+import click
+
+from .errors import BadInput, Command, cli_errors
+
+EPILOG = ("The prime is printed, then the generated text streams after it. An empty prime starts from "
+          "the zero state with a uniformly drawn first character. Without --seed a random seed is chosen "
+          "and reported (stderr, or --json), so every run can be repeated.")
+
+
+@click.command(cls=Command, help=__doc__.split(":", 1)[1].strip(), epilog=EPILOG)
+@click.option("--model", "model_path", type=click.Path(), default=None,
+              help="Bundle directory or model.onnx.  [default: the shipped models/shakespeare]")
+@click.option("--prime", default="ROMEO: ", show_default=True, help="Text to start from.")
+@click.option("--length", type=int, default=1000, show_default=True, help="Characters to generate.")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Softmax temperature; 0 = greedy (always the most likely character).")
+@click.option("--top-k", type=int, default=None, help="Sample only from the k most likely characters.  [default: off]")
+@click.option("--top-p", type=float, default=None,
+              help="Sample only from the most likely characters holding this much probability.  [default: off]")
+@click.option("--seed", type=int, default=None, help="Random seed; sample i uses seed + i.  [default: random]")
+@click.option("--num-samples", type=int, default=1, show_default=True,
+              help="Independent samples, generated together in one batched loop.")
+@click.option("--stop", multiple=True, help="Stop a sample after this string (kept in the output). Repeatable.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="onnxruntime provider: cuda fails if CUDA cannot be used; auto falls back to cpu.")
+@click.option("--variant", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Model weights: fp32, or int8 (faster on CPU, slightly less accurate).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with texts, settings, seeds, "
+              "model sha256, provider used and chars/s instead of streaming text.")
+def main(model_path, prime, length, temperature, top_k, top_p, seed, num_samples, stop, provider, variant,
+         as_json):
+    try:
+        from .model import load
+    except ImportError:
+        raise BadInput("charrnn-run needs onnxruntime: pip install 'charrnn[cpu]' (or 'charrnn[gpu]')") from None
+    with cli_errors():
+        if length < 0:
+            raise BadInput(f"--length must be >= 0, got {length}")
+        if num_samples < 1:
+            raise BadInput(f"--num-samples must be >= 1, got {num_samples}")
+        model = load(model_path, provider=provider, variant=variant)
+        if model.cpu_reason:
+            click.echo(f"note: running on CPU: {model.cpu_reason}", err=True)
+        started = time.perf_counter()
+        generator = model.generator(prime, num_samples=num_samples, seed=seed, temperature=temperature,
+                                    top_k=top_k, top_p=top_p)
+        seeds = [generator.seed + i for i in range(num_samples)]
+        if as_json or num_samples > 1:
+            texts = generator.run(length, stop)
+        else:
+            texts = [stream_to_stdout(prime, generator.stream(length, stop))]
+        seconds = time.perf_counter() - started
+    chars = sum(len(t) for t in texts)
+    speed = chars / seconds if seconds > 0 else float("inf")
+    if as_json:
+        click.echo(json.dumps({
+            "model": str(model.path), "sha256": model.sha256, "variant": model.variant,
+            "provider": model.provider,
+            "settings": {"prime": prime, "length": length, "temperature": temperature, "top_k": top_k,
+                         "top_p": top_p, "stop": list(stop), "num_samples": num_samples},
+            "samples": [{"seed": s, "text": t} for s, t in zip(seeds, texts)],
+            "chars_per_second": speed, "seconds": seconds,
+        }, ensure_ascii=False, indent=2))
+        return
+    if num_samples > 1:
+        for i, (s, text) in enumerate(zip(seeds, texts)):
+            click.echo(f"{'' if i == 0 else chr(10)}=== sample {i + 1}/{num_samples} (seed {s}) ===")
+            click.echo(prime + text)
+    click.echo(f"[{chars} chars in {seconds:.2f} s, {speed:,.0f} chars/s on {model.provider} ({model.variant}), "
+               f"seed {seeds[0]}]", err=True)
+
+
+def stream_to_stdout(prime, chars):
+    out = sys.stdout
+    out.write(prime)
+    text = []
+    for char in chars:
+        out.write(char)
+        out.flush()
+        text.append(char)
+    out.write("\n")
+    out.flush()
+    return "".join(text)

@@ -1,0 +1,94 @@
+"""Next-character sampling: temperature-scaled categorical (the report's), greedy, top-k, top-p.
+
+Sampling is Gumbel-max in float64: argmax(logits / T + G) with G = -log(-log(U)) is an exact draw
+from softmax(logits / T), costs three array operations per step instead of a softmax and a CDF
+search, and is the form a GPU graph can run with the noise passed in. top-k/top-p mask the
+excluded characters to -inf first (top-p from a float64 softmax). Each row's noise comes from its
+own seed, so a row's text does not depend on what else shares the batch.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from .errors import CharrnnError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None  # keep the k most likely characters
+    top_p: float | None = None  # keep the smallest set holding this much probability
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise CharrnnError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise CharrnnError(f"top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise CharrnnError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+def allowed_mask(logits, params):
+    """False where top-k/top-p exclude a character; None when nothing is excluded."""
+    vocab = logits.shape[1]
+    mask = None
+    if params.top_k is not None and params.top_k < vocab:
+        mask = np.ones(logits.shape, bool)
+        dropped = np.argpartition(logits, vocab - params.top_k, axis=1)[:, : vocab - params.top_k]
+        np.put_along_axis(mask, dropped, False, axis=1)
+    if params.top_p is not None and params.top_p < 1:
+        z = np.asarray(logits, dtype=np.float64) / max(params.temperature, 1e-300)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        if mask is not None:
+            p = np.where(mask, p, 0.0)
+        order = np.argsort(-p, axis=1, kind="stable")
+        ranked = np.take_along_axis(p, order, axis=1)
+        mass_before = np.cumsum(ranked, axis=1) - ranked
+        keep = mass_before < params.top_p * ranked.sum(axis=1, keepdims=True)
+        keep[:, 0] = True  # the most likely character always stays
+        mask = np.empty(logits.shape, bool)
+        np.put_along_axis(mask, order, keep & (ranked > 0), axis=1)
+    return mask
+
+
+def sample(logits, params, noise):
+    """Character ids [n] from logits [n, vocab] and Gumbel noise [n, vocab] (float64)."""
+    if not np.isfinite(logits).all():
+        raise CharrnnError("the model produced non-finite logits (NaN or inf): the model file is broken")
+    mask = allowed_mask(logits, params)
+    if params.temperature == 0:
+        scores = np.asarray(logits, dtype=np.float64)
+    else:
+        scores = np.multiply(logits, 1.0 / params.temperature, dtype=np.float64)
+        scores += noise
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+    return scores.argmax(axis=1)
+
+
+class GumbelNoise:
+    """Gumbel noise [n, vocab] per step, row i from its own seed, drawn in blocks for speed.
+
+    numpy's Generator.random((k, vocab)) continues the same sequence as k draws of (vocab,), so
+    the block size never changes the text.
+    """
+
+    BLOCK = 128
+
+    def __init__(self, seeds, vocab):
+        self.generators = [np.random.default_rng(seed) for seed in seeds]
+        self.vocab = vocab
+        self.block = np.empty((0, len(seeds), vocab))
+        self.used = 0
+
+    def next(self):
+        if self.used == len(self.block):
+            uniforms = np.stack([g.random((self.BLOCK, self.vocab)) for g in self.generators], axis=1)
+            with np.errstate(divide="ignore"):  # U == 0 gives -inf: that character just cannot win
+                self.block = -np.log(-np.log(uniforms))
+            self.used = 0
+        self.used += 1
+        return self.block[self.used - 1]

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny corpus, a tiny trained run and its exported bundle (seconds, not minutes)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "shakespeare"
+CORPUS = ROOT / "train" / "data" / "tinyshakespeare.txt"
+HAS_TF = importlib.util.find_spec("tensorflow") is not None
+needs_tf = pytest.mark.skipif(not HAS_TF, reason="needs the [train] extra (TensorFlow)")
+
+TINY = dict(epochs=2, batch_size=8, seq_length=24, embedding_dim=8, units=32, seed=7)
+
+
+def run_python(code, **kwargs):
+    """Run code in a fresh interpreter; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(CORPUS.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_corpus):
+    if not HAS_TF:
+        pytest.skip("needs the [train] extra (TensorFlow)")
+    from charrnn_train import train
+
+    run = train.start(train.Config(corpus=str(tiny_corpus), validation_fraction=0.2, **TINY),
+                      tmp_path_factory.mktemp("runs") / "tiny")
+    train.train(run, log=lambda line: None)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_run):
+    from charrnn_export.export import Source, export
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export(Source(tiny_run.path), out, log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_path(request):
+    """The bundle runtime tests use: the tiny export when TensorFlow is here, else the shipped model."""
+    if HAS_TF:
+        return request.getfixturevalue("tiny_bundle")
+    if not (SHIPPED / "manifest.json").is_file():
+        pytest.skip("no shipped model and no TensorFlow to export one")
+    return SHIPPED

@@ -1,0 +1,196 @@
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import CORPUS, TINY, needs_tf
+
+pytestmark = needs_tf
+
+
+def test_default_architecture_has_the_reports_parameter_counts():
+    from charrnn_train.model import build_model
+
+    model = build_model(65)
+    assert [layer.count_params() for layer in model.layers] == [16_640, 3_938_304, 66_625]
+    assert model.count_params() == 4_021_569
+
+
+def test_vocabulary_mapping_and_steps_per_epoch_on_the_real_corpus():
+    from charrnn_train import data
+
+    text = data.read_corpus(CORPUS)
+    vocab = data.build_vocab(text)
+    assert len(text) == 1_115_394 and len(vocab) == 65
+    ids = data.encode(text, vocab)
+    assert ids[:13].tolist() == [18, 47, 56, 57, 58, 1, 15, 47, 58, 47, 64, 43, 52]
+    train_set, validation = data.split(ids, 100, 64, 10_000, seed=0)
+    assert validation is None
+    assert len(train_set.inputs) == 11_043 and train_set.steps_per_epoch == 172
+    inputs, targets = train_set.epoch(1)
+    assert inputs.shape == targets.shape == (172 * 64, 100)
+    assert (inputs[:, 1:] == targets[:, :-1]).all()  # target = input shifted by one
+
+
+def test_shuffle_buffer_emits_a_permutation_and_is_local_for_small_buffers():
+    from charrnn_train.data import shuffle_buffer_order
+
+    rng = np.random.default_rng(0)
+    order = shuffle_buffer_order(1000, 10, rng)
+    assert sorted(order) == list(range(1000))
+    # with a buffer of 10, element i cannot come out before position i - 9
+    assert all(position >= element - 9 for position, element in enumerate(order))
+    assert shuffle_buffer_order(5, 1, rng).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    from charrnn_train import data
+
+    ids = np.arange(5000, dtype=np.int32) % 50
+    a, _ = data.split(ids, 24, 8, 100, seed=3)
+    b, _ = data.split(ids, 24, 8, 100, seed=3)
+    assert (a.epoch(2)[0] == b.epoch(2)[0]).all()
+    assert not (a.epoch(1)[0] == a.epoch(2)[0]).all()
+
+
+def test_loss_falls_on_a_tiny_corpus(tiny_run):
+    history = tiny_run.history
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert history[0]["loss"] < math.log(len(tiny_run.vocab))  # below uniform guessing after one epoch
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["val_bits_per_char"] == pytest.approx(history[-1]["val_loss"] / math.log(2))
+    for name in ("config.json", "vocab.json", "history.json", "model.keras", "loss.png"):
+        assert (tiny_run.path / name).is_file()
+    assert [p.name for p in tiny_run.checkpoints.iterdir()] == ["epoch-0002.keras"]
+
+
+def _interrupt_after(batches):
+    import keras
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch + 1 == batches:
+                raise KeyboardInterrupt
+    return Interrupt()
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_corpus):
+    import keras
+
+    from charrnn_train import train
+
+    config = dict(TINY, epochs=3)
+    whole = train.start(train.Config(corpus=str(tiny_corpus), **config), tmp_path / "whole")
+    train.train(whole, log=lambda line: None)
+
+    run = train.start(train.Config(corpus=str(tiny_corpus), **config), tmp_path / "resumed")
+    run.config.epochs = 1
+    train.train(run, log=lambda line: None)  # epoch 1 completes
+    run = train.Run.open(run.path)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(run, log=lambda line: None, callbacks=[_interrupt_after(3)])  # dies inside epoch 2
+    run = train.Run.open(run.path)
+    assert [r["epoch"] for r in run.history] == [1]
+    assert keras.models.load_model(run.checkpoint(1)).optimizer.iterations.numpy() > 0
+
+    history = train.train(train.Run.open(run.path), log=lambda line: None)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert json.loads((run.path / "history.json").read_text()) == history
+    np.testing.assert_allclose([r["loss"] for r in history], [r["loss"] for r in whole.history], rtol=1e-4)
+
+
+def test_kill_9_mid_epoch_loses_at_most_that_epoch(tmp_path, tiny_corpus):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "charrnn_train", "--corpus", str(tiny_corpus), "--out", str(out),
+               "--epochs", "200", "--batch-size", "8", "--seq-length", "24", "--units", "32",
+               "--embedding-dim", "8"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            history = out / "history.json"
+            if history.is_file() and len(json.loads(history.read_text())) >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("training did not complete two epochs in time")
+        time.sleep(0.3)  # land somewhere inside a later epoch (or inside a checkpoint write)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    from charrnn_train import train
+
+    run = train.Run.open(out)
+    done = len(run.history)
+    assert [r["epoch"] for r in run.history] == list(range(1, done + 1))
+    assert run.checkpoint(done).is_file()
+    run.config.epochs = done + 1
+    assert [r["epoch"] for r in train.train(run, log=lambda line: None)] == list(range(1, done + 2))
+    assert not list(out.rglob("*.tmp*"))  # a checkpoint write cut short is cleaned up on resume
+
+
+def _cli(args):
+    from charrnn_train.cli import main
+
+    return CliRunner().invoke(main, args)
+
+
+def _assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_cli_bad_corpus(tmp_path):
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
+    empty.write_text("")
+    binary.write_bytes(b"abc\xff\xfe")
+    _assert_one_line_error(_cli(["--corpus", str(tmp_path / "missing.txt")]), "not found")
+    _assert_one_line_error(_cli(["--corpus", str(empty)]), "empty")
+    _assert_one_line_error(_cli(["--corpus", str(binary)]), "UTF-8")
+
+
+def test_cli_corpus_too_short_says_how_many_characters_are_needed(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("hello world " * 100)
+    result = _cli(["--corpus", str(short), "--out", str(tmp_path / "run")])
+    _assert_one_line_error(result, "1,200 characters", f"{64 * 101:,}")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option", ["--epochs", "--batch-size", "--seq-length", "--units", "--embedding-dim",
+                                    "--learning-rate"])
+def test_cli_non_positive_sizes(tmp_path, option):
+    _assert_one_line_error(_cli([option, "0", "--out", str(tmp_path / "run")]), "must be positive")
+
+
+def test_cli_bad_values_are_one_line(tmp_path):
+    _assert_one_line_error(_cli(["--epochs", "many"]), "--epochs")
+    _assert_one_line_error(_cli(["--validation-fraction", "1.5", "--out", str(tmp_path / "r")]),
+                           "validation-fraction")
+
+
+def test_cli_resume_on_a_directory_that_is_not_a_run(tmp_path):
+    _assert_one_line_error(_cli(["--resume", str(tmp_path)]), "not a charrnn training run")
+
+
+def test_cli_refuses_to_overwrite_a_run(tiny_run):
+    _assert_one_line_error(_cli(["--out", str(tiny_run.path)]), "--resume")
+    _assert_one_line_error(_cli(["--resume", str(tiny_run.path)]), "already complete")
+
+
+def test_cli_trains_end_to_end(tmp_path, tiny_corpus):
+    result = _cli(["--corpus", str(tiny_corpus), "--out", str(tmp_path / "run"), "--epochs", "1",
+                   "--batch-size", "8", "--seq-length", "24", "--units", "16", "--embedding-dim", "4"])
+    assert result.exit_code == 0, result.output
+    assert "epoch 1: loss" in result.output
+    assert (tmp_path / "run" / "model.keras").is_file()
