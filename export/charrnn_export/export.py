@@ -102,6 +102,10 @@ class Source:
 def to_onnx(cell):
     proto, _ = tf2onnx.convert.from_function(cell.step, input_signature=cell.step.input_signature, opset=OPSET)
     proto.producer_name = "charrnn (tf2onnx)"
+    used = {node.domain for node in proto.graph.node} | {""}
+    kept = [o for o in proto.opset_import if o.domain in used]  # tf2onnx also declares ai.onnx.ml
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
     return proto
 
 

@@ -47,7 +47,7 @@ def create_session(model, provider="auto", threads=None):
     if provider not in CHOICES:
         raise CharrnnError(f"unknown provider {provider!r}: choose from {', '.join(CHOICES)}")
     options = session_options(threads)
-    if provider == "cpu":
+    if provider == "cpu" or (provider == "auto" and CUDA not in ort.get_available_providers()):
         return _session(model, options, [CPU]), "cpu", None
 
     reason = cuda_unavailable_reason()

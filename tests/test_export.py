@@ -1,0 +1,188 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import needs_tf, run_python
+
+pytestmark = needs_tf
+
+
+def _keras_logits(bundle, inputs):
+    import keras
+
+    return np.asarray(keras.models.load_model(bundle / "training" / "model.keras", compile=False)(inputs))
+
+
+def _step_through(step, inputs, units):
+    from charrnn_export.validate import step_through
+
+    return step_through(step, inputs, units)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_saved_model_and_onnx_match_keras(tiny_bundle, batch):
+    import onnxruntime as ort
+
+    from charrnn_export.export import onnx_step, saved_model_step
+
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    inputs = np.random.default_rng(batch).integers(0, manifest["vocab_size"], (batch, 40)).astype(np.int32)
+    reference = _keras_logits(tiny_bundle, inputs)
+    session = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    for step in (saved_model_step(tiny_bundle / "saved_model"), onnx_step(session)):
+        assert np.abs(_step_through(step, inputs, manifest["units"]) - reference).max() < 1e-4
+
+
+def test_manifest_records_validation_and_hashes(tiny_bundle):
+    from charrnn_runtime.files import sha256_file
+
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    for fmt in ("saved_model", "onnx", "onnx-reference"):
+        assert manifest["validation"][fmt]["max_abs_logit_diff"] <= 1e-4
+        assert len(manifest["validation"][fmt]["cases"]) == 4
+    assert manifest["validation"]["int8"]["cost_bits_per_char"] < 0.1
+    on_disk = {str(p.relative_to(tiny_bundle)) for p in tiny_bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    assert all(sha256_file(tiny_bundle / name) == digest for name, digest in manifest["files"].items())
+    assert manifest["tensors"] == {"char": "char", "hidden": "hidden", "logits": "logits",
+                                   "next_hidden": "next_hidden"}
+    assert manifest["training"]["epochs_trained"] == 2 and "loss" in manifest["training"]["final"]
+
+
+def test_saved_model_reloads_in_a_fresh_process_at_batch_1_and_64(tiny_bundle):
+    code = f"""
+import numpy as np, tensorflow as tf
+serve = tf.saved_model.load({str(tiny_bundle / "saved_model")!r}).signatures["serving_default"]
+units = serve.structured_input_signature[1]["hidden"].shape[1]
+for batch in (1, 64):
+    out = serve(char=tf.zeros([batch], tf.int32), hidden=tf.zeros([batch, units]))
+    assert out["logits"].shape[0] == batch and out["next_hidden"].shape == (batch, units)
+print("ok")
+"""
+    result = run_python(code)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_onnx_is_standard_self_contained_and_self_describing(tiny_bundle, tiny_run):
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.load(str(tiny_bundle / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert {op.domain for op in model.opset_import} <= {"", "ai.onnx"}
+    assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert [i.name for i in model.graph.input] == ["char", "hidden"]
+    assert [o.name for o in model.graph.output] == ["logits", "next_hidden"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+    facts = json.loads({p.key: p.value for p in model.metadata_props}["charrnn"])
+    assert facts["vocab"] == tiny_run.vocab and facts["variant"] == "fp32"
+    units = facts["units"]
+    out = ReferenceEvaluator(model).run(None, {"char": np.array([1, 2], np.int32),
+                                               "hidden": np.zeros((2, units), np.float32)})
+    assert out[0].shape == (2, len(tiny_run.vocab)) and out[1].shape == (2, units)
+
+
+def test_runtime_reads_the_vocabulary_from_the_bare_onnx_file(tiny_bundle, tiny_run):
+    import charrnn_runtime
+
+    for variant in ("fp32", "int8"):
+        model = charrnn_runtime.load(tiny_bundle / f"model{'' if variant == 'fp32' else '.int8'}.onnx",
+                                     provider="cpu")
+        assert model.vocab == tiny_run.vocab and model.variant == variant
+
+
+def _export_cli(args):
+    from charrnn_export.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _assert_one_line_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.output
+
+
+def test_failed_validation_writes_nothing(tiny_run, tmp_path):
+    result = _export_cli([tiny_run.path, tmp_path / "bundle", "--tolerance", "1e-12"])
+    assert result.exit_code == 2
+    assert "over tolerance" in result.output and "FAILED" in result.output
+    assert list(tmp_path.iterdir()) == []  # no bundle, no temporary directory
+
+
+def test_failed_validation_keeps_the_previous_bundle(tiny_run, tiny_bundle, tmp_path):
+    import shutil
+
+    target = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, target)
+    before = (target / "manifest.json").read_text()
+    assert _export_cli([tiny_run.path, target, "--force", "--tolerance", "1e-12"]).exit_code == 2
+    assert (target / "manifest.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_killed_export_leaves_no_bundle(tiny_run, tmp_path):
+    out = tmp_path / "bundle"
+    process = subprocess.Popen([sys.executable, "-m", "charrnn_export", str(tiny_run.path), str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((p / "saved_model").exists() for p in tmp_path.glob(".bundle.*.tmp")):
+            assert time.monotonic() < deadline and process.poll() is None, "export never started writing"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not out.exists()
+
+
+def test_cli_exports_with_default_output(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.path, run)
+    result = _export_cli([run])
+    assert result.exit_code == 0, result.output
+    assert "onnx         max |Δlogit|" in result.output
+    assert (run / "bundle" / "model.onnx").is_file()
+    _assert_one_line_error(_export_cli([run]), "output exists")
+    assert _export_cli([run, "--force"]).exit_code == 0
+
+
+def test_bad_sources(tmp_path, tiny_run):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    _assert_one_line_error(_export_cli([tmp_path / "missing"]), "no such run or model")
+    _assert_one_line_error(_export_cli([tmp_path / "notes.txt"]), "not a trained model or run")
+    _assert_one_line_error(_export_cli([tmp_path / "empty", tmp_path / "out"]), "not a charrnn training run")
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    (tmp_path / "vocab.json").write_text(json.dumps(tiny_run.vocab))
+    _assert_one_line_error(_export_cli([broken, tmp_path / "out"]), "cannot load Keras model")
+
+
+def test_unsupported_architecture(tmp_path, tiny_run):
+    import keras
+
+    lstm = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(10, 4),
+                             keras.layers.LSTM(8, return_sequences=True), keras.layers.Dense(10)])
+    lstm.save(tmp_path / "lstm.keras")
+    (tmp_path / "vocab.json").write_text(json.dumps([str(i) for i in range(10)]))
+    _assert_one_line_error(_export_cli([tmp_path / "lstm.keras", tmp_path / "out"]),
+                           "unsupported architecture Embedding → LSTM → Dense")
+
+
+def test_bare_keras_model_needs_validation_text(tiny_bundle, tmp_path):
+    import shutil
+
+    shutil.copy(tiny_bundle / "training" / "model.keras", tmp_path / "model.keras")
+    shutil.copy(tiny_bundle / "training" / "vocab.json", tmp_path / "vocab.json")
+    _assert_one_line_error(_export_cli([tmp_path / "model.keras", tmp_path / "out"]), "--validation-text")

@@ -1,0 +1,333 @@
+import json
+import math
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import charrnn_runtime
+from charrnn_runtime import CharrnnError, SamplingParams, State
+from charrnn_runtime.cli import main as run_cli
+from charrnn_runtime.sampling import GumbelNoise, allowed_mask, sample
+from conftest import HAS_TF, run_python
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return charrnn_runtime.load(model_path, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def prime(model):
+    return "".join(ch for ch in "ROMEO: " if ch in model.index) or model.vocab[1]
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+logits_rows = st.lists(st.floats(-30, 30, allow_nan=False), min_size=2, max_size=40).map(
+    lambda row: np.array([row], np.float32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits=logits_rows, k=st.integers(1, 40), seed=st.integers(0, 2**31), temperature=st.floats(0.05, 3))
+def test_top_k_only_emits_the_k_most_likely(logits, k, seed, temperature):
+    choice = sample(logits, SamplingParams(temperature, top_k=k), GumbelNoise([seed], logits.shape[1]).next())[0]
+    # allowed: at most k-1 characters are strictly more likely than the one chosen
+    assert (logits[0] > logits[0, choice]).sum() < k
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits=logits_rows, p=st.floats(0.01, 1.0), seed=st.integers(0, 2**31), temperature=st.floats(0.05, 3))
+def test_top_p_only_emits_the_nucleus(logits, p, seed, temperature):
+    choice = sample(logits, SamplingParams(temperature, top_p=p), GumbelNoise([seed], logits.shape[1]).next())[0]
+    probs = np.exp((logits[0] - logits[0].max()).astype(np.float64) / temperature)
+    probs /= probs.sum()
+    # allowed: the characters more likely than the chosen one hold less than p of the mass
+    assert probs[probs > probs[choice]].sum() < p + 1e-9
+
+
+def test_top_k_and_top_p_masks_combine():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    assert allowed_mask(logits, SamplingParams(1.0, top_k=3)).tolist() == [[True, True, True, False]]
+    assert allowed_mask(logits, SamplingParams(1.0, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert allowed_mask(logits, SamplingParams(1.0, top_k=1, top_p=0.9)).tolist() == [[True, False, False, False]]
+    assert allowed_mask(logits, SamplingParams(1.0)) is None
+
+
+def test_sampling_follows_the_temperature_scaled_distribution():
+    logits = np.log(np.array([[0.6, 0.3, 0.1]], np.float32))
+    noise = GumbelNoise([0], 3)
+    counts = np.bincount([sample(logits, SamplingParams(0.5), noise.next())[0] for _ in range(20000)], minlength=3)
+    expected = np.array([0.6, 0.3, 0.1]) ** 2
+    np.testing.assert_allclose(counts / 20000, expected / expected.sum(), atol=0.01)
+
+
+def test_greedy_and_non_finite_logits():
+    assert sample(np.array([[0.1, 3.0, 2.0]], np.float32), SamplingParams(0), np.zeros((1, 3)))[0] == 1
+    with pytest.raises(CharrnnError, match="non-finite"):
+        sample(np.array([[0.1, np.nan, 2.0]], np.float32), SamplingParams(), np.zeros((1, 3)))
+
+
+@pytest.mark.parametrize("params", [dict(temperature=-1), dict(temperature=math.nan), dict(temperature=math.inf),
+                                    dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_params(params):
+    with pytest.raises(CharrnnError):
+        SamplingParams(**params)
+
+
+def test_noise_block_size_does_not_change_the_stream():
+    a = GumbelNoise([5], 7)
+    first = [a.next().copy() for _ in range(300)]
+    b = GumbelNoise([5], 7)
+    b.BLOCK = 7
+    np.testing.assert_array_equal(first, [b.next().copy() for _ in range(300)])
+
+
+# -- generation -------------------------------------------------------------------------------------
+
+def test_seeded_generation_is_deterministic(model, prime):
+    a = model.generate(prime, 120, temperature=0.8, seed=11)
+    assert a == model.generate(prime, 120, temperature=0.8, seed=11)
+    assert a != model.generate(prime, 120, temperature=0.8, seed=12)
+    assert len(a) == 120 and set(a) <= set(model.vocab)
+
+
+def test_stream_yields_the_generated_text(model, prime):
+    streamed = list(model.stream(prime, 50, seed=3, top_k=5))
+    assert all(len(ch) == 1 for ch in streamed)
+    assert "".join(streamed) == model.generate(prime, 50, seed=3, top_k=5)
+
+
+def test_continue_in_later_calls_equals_one_long_run(model, prime):
+    generator = model.generator(prime, seed=21, temperature=0.9)
+    pieces = generator.run(40) + generator.run(60)
+    assert "".join(pieces) == model.generate(prime, 100, seed=21, temperature=0.9)
+
+
+def test_feeding_in_pieces_equals_feeding_at_once(model, prime):
+    text = model.generate(prime, 30, seed=1)
+    whole = model.feed(model.initial_state(), prime + text)
+    pieces = model.feed(model.feed(model.initial_state(), prime), text)
+    np.testing.assert_allclose(whole.hidden, pieces.hidden, atol=1e-6)
+    np.testing.assert_allclose(whole.logits, pieces.logits, atol=1e-5)
+
+
+def test_fork_fans_out_to_the_same_texts_as_separate_runs(model, prime):
+    primed = model.feed(model.initial_state(), prime)  # prime once
+    forked = charrnn_runtime.Generator(model, primed.fork(3), SamplingParams(0.7), seed=100).run(60)
+    singles = [model.generate(prime, 60, temperature=0.7, seed=100 + i) for i in range(3)]
+    assert forked == singles
+    assert len(set(singles)) > 1
+
+
+def test_batch_rows_equal_single_runs(model, prime):
+    batch = model.generate_batch(prime, 80, num_samples=5, seed=40, top_p=0.95)
+    assert batch == [model.generate(prime, 80, seed=40 + i, top_p=0.95) for i in range(5)]
+
+
+def test_generation_continues_from_a_saved_state(model, prime, tmp_path):
+    state = model.feed(model.initial_state(), prime)
+    state.save(tmp_path / "state.npz")
+    loaded = State.load(tmp_path / "state.npz")
+    np.testing.assert_array_equal(loaded.hidden, state.hidden)
+    assert (model.generate("", 50, seed=2, state=loaded) == model.generate(prime, 50, seed=2))
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(CharrnnError, match="not a saved charrnn state"):
+        State.load(tmp_path / "junk.npz")
+
+
+def test_stop_strings_end_generation(model, prime):
+    text = model.generate(prime, 300, seed=9)
+    stop = text[100:102]
+    stopped = model.generate(prime, 300, seed=9, stop=stop)
+    assert stopped.endswith(stop) and text.startswith(stopped) and len(stopped) <= 102
+    rows = model.generate_batch(prime, 300, num_samples=3, seed=9, stop=[stop])
+    assert rows[0] == stopped
+
+
+def test_eight_threads_share_one_model(model, prime):
+    expected = [model.generate(prime, 100, seed=s, temperature=0.8) for s in range(8)]
+    results = [None] * 8
+
+    def work(i):
+        results[i] = model.generate(prime, 100, seed=i, temperature=0.8)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+
+
+def test_empty_prime_starts_from_a_uniform_first_character(model):
+    state = model.initial_state(2)
+    assert state.hidden.shape == (2, model.units) and not state.logits.any()
+    assert len(model.generate("", 20, seed=1)) == 20
+
+
+def test_score_matches_stepping_by_hand(model, prime):
+    text = prime + model.generate(prime, 60, seed=4)
+    result = model.score(text)
+    ids = model.encode(text)
+    state, nll = model.initial_state(), 0.0
+    for current, target in zip(ids[:-1], ids[1:]):
+        state = model.step(state, [current])
+        z = state.logits[0].astype(np.float64)
+        nll -= z[target] - z.max() - np.log(np.exp(z - z.max()).sum())
+    assert result["loss"] == pytest.approx(nll / (len(ids) - 1))
+    assert result["bits_per_char"] == pytest.approx(result["loss"] / math.log(2))
+
+
+def test_unknown_characters_are_named_with_positions(model):
+    with pytest.raises(CharrnnError, match=r"'€' at 2.*'\\t' at 4"):
+        model.encode("ab€c\t")
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+
+def _run(*args):
+    return CliRunner().invoke(run_cli, [str(a) for a in args])
+
+
+def _assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_cli_streams_prime_and_text(model_path, model, prime):
+    result = _run("--model", model_path, "--prime", prime, "--length", 40, "--seed", 3, "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(prime + model.generate(prime, 40, seed=3))
+    assert "chars/s" in result.stderr and "seed 3" in result.stderr
+
+
+def test_cli_json(model_path, model, prime):
+    result = _run("--model", model_path, "--prime", prime, "--length", 30, "--seed", 5, "--num-samples", 2,
+                  "--temperature", 0.5, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["provider"] in ("cpu", "cuda") and out["sha256"] == model.sha256
+    assert [s["seed"] for s in out["samples"]] == [5, 6]
+    assert out["samples"][1]["text"] == model.generate(prime, 30, seed=6, temperature=0.5)
+    assert out["settings"]["temperature"] == 0.5 and out["chars_per_second"] > 0
+
+
+def test_cli_num_samples_prints_each(model_path, prime):
+    result = _run("--model", model_path, "--prime", prime, "--length", 10, "--num-samples", 3, "--seed", 1)
+    assert result.exit_code == 0 and result.stdout.count("=== sample") == 3
+
+
+def test_cli_help_explains_every_option():
+    result = _run("--help")
+    for option in ("--model", "--prime", "--length", "--temperature", "--top-k", "--top-p", "--seed",
+                   "--num-samples", "--stop", "--provider", "--json", "default"):
+        assert option in result.output
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--prime", "ROMEO€"], "'€' at 5"),
+    (["--temperature", "-1"], "temperature"),
+    (["--temperature", "nan"], "temperature"),
+    (["--top-k", "0"], "top-k"),
+    (["--top-p", "0"], "top-p"),
+    (["--top-p", "1.5"], "top-p"),
+    (["--length", "-1"], "--length"),
+    (["--length", "ten"], "--length"),
+    (["--num-samples", "0"], "--num-samples"),
+])
+def test_cli_bad_input(model_path, args, fragment):
+    _assert_one_line_error(_run("--model", model_path, *args), fragment)
+
+
+def test_cli_missing_and_foreign_files(tmp_path):
+    _assert_one_line_error(_run("--model", tmp_path / "nope"), "model not found")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x01junk")
+    _assert_one_line_error(_run("--model", tmp_path / "junk.onnx"), "cannot load ONNX model")
+    (tmp_path / "dir").mkdir()
+    _assert_one_line_error(_run("--model", tmp_path / "dir"), "not a charrnn model bundle")
+
+
+def test_cli_corrupted_bundle(model_path, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(model_path, bundle, ignore=shutil.ignore_patterns("saved_model", "training"))
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    _assert_one_line_error(_run("--model", bundle), "corrupted")
+
+
+@pytest.mark.skipif(not HAS_TF, reason="building foreign ONNX files needs onnx")
+def test_cli_onnx_without_or_with_wrong_metadata(model_path, tmp_path):
+    import onnx
+
+    model = onnx.load(str(model_path / "model.onnx"))
+    meta = json.loads(model.metadata_props[0].value)
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "plain.onnx"))
+    _assert_one_line_error(_run("--model", tmp_path / "plain.onnx"), "not a charrnn model")
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "charrnn", json.dumps({**meta, "units": meta["units"] + 1})
+    onnx.save(model, str(tmp_path / "wrong.onnx"))
+    _assert_one_line_error(_run("--model", tmp_path / "wrong.onnx"), "metadata does not match")
+
+
+def test_cli_cuda_requested_but_unavailable(model_path):
+    from charrnn_runtime.providers import cuda_unavailable_reason
+
+    if cuda_unavailable_reason() is None:
+        pytest.skip("this machine may really have CUDA")
+    _assert_one_line_error(_run("--model", model_path, "--provider", "cuda"), "CUDA requested but unavailable")
+
+
+# -- what the runtime imports -------------------------------------------------------------------------
+
+def test_runtime_never_imports_tensorflow(model_path):
+    code = f"""
+import sys
+from click.testing import CliRunner
+import charrnn_runtime
+from charrnn_runtime.cli import main
+model = charrnn_runtime.load({str(model_path)!r}, provider="cpu")
+model.generate("", 5, seed=0)
+result = CliRunner().invoke(main, ["--model", {str(model_path)!r}, "--prime", "", "--length", "5"])
+assert result.exit_code == 0, result.output
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "onnx", "jax", "torch"))
+print(heavy)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+# -- CUDA (runs only where a session really lands on CUDA) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def cuda_model(model_path):
+    try:
+        return charrnn_runtime.load(model_path, provider="cuda")
+    except CharrnnError as e:
+        pytest.skip(f"no CUDA here: {e}")
+
+
+@pytest.mark.cuda
+def test_cuda_keeps_the_state_on_the_gpu_and_matches_cpu(cuda_model, model, prime):
+    import onnxruntime as ort
+
+    assert cuda_model.provider == "cuda" and "CUDAExecutionProvider" in cuda_model.session.get_providers()
+    state = cuda_model.feed(cuda_model.initial_state(), prime)
+    assert isinstance(state._hidden, ort.OrtValue) and state._hidden.device_name().lower() == "cuda"
+    np.testing.assert_allclose(state.hidden, model.feed(model.initial_state(), prime).hidden, atol=1e-4)
+    assert cuda_model.generate(prime, 200, temperature=0) == model.generate(prime, 200, temperature=0)
+
+
+@pytest.mark.cuda
+def test_cuda_batch_and_seeds(cuda_model, prime):
+    batch = cuda_model.generate_batch(prime, 50, num_samples=4, seed=3)
+    assert batch == [cuda_model.generate(prime, 50, seed=3 + i) for i in range(4)]
