@@ -192,15 +192,20 @@ class Generator:
     def run(self, length, stop=None):
         """Texts of all streams: each ends after `length` characters or its first stop string."""
         stops, rows = _stops(stop), len(self.state)
-        texts, done = [""] * rows, [False] * rows
+        steps, texts, done = [], [""] * rows, np.zeros(rows, bool)
         for _ in range(_length(length)):
-            if all(done):
+            ids = self.next_ids()
+            if not stops:
+                steps.append(ids)
+                continue
+            for row in np.flatnonzero(~done):
+                texts[row] += self.model.vocab[ids[row]]
+                done[row] = any(texts[row].endswith(s) for s in stops)
+            if done.all():
                 break
-            for row, i in enumerate(self.next_ids()):
-                if not done[row]:
-                    texts[row] += self.model.vocab[i]
-                    done[row] = bool(stops) and any(texts[row].endswith(s) for s in stops)
-        return texts
+        if stops or not steps:
+            return texts
+        return ["".join(row) for row in np.asarray(self.model.vocab)[np.stack(steps, axis=1)]]
 
 
 def _stops(stop):

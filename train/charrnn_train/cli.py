@@ -5,7 +5,7 @@ import time
 
 import click
 
-from charrnn_runtime.errors import BadInput, Command, cli_errors, require_extra
+from charrnn_runtime.errors import Command, cli_errors, require_extra
 
 DEFAULTS_NOTE = "Defaults reproduce the report: Tiny Shakespeare, 10 epochs of 172 steps."
 
@@ -44,6 +44,7 @@ def main(corpus, out, resume, **options):
                 config.corpus = corpus
             run = training.start(config, out or time.strftime("runs/charrnn-%Y%m%d-%H%M%S"))
         if len(run.history) >= run.config.epochs and run.model_file.exists():
-            raise BadInput(f"run {run.path} is already complete ({run.config.epochs} epochs)")
-        training.train(run, log=lambda line: click.echo(line, err=True))
+            click.echo(f"run {run.path} is already complete ({run.config.epochs} epochs)", err=True)
+        else:
+            training.train(run, log=lambda line: click.echo(line, err=True))
     click.echo(str(run.model_file))

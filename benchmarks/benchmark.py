@@ -1,0 +1,211 @@
+"""Characters per second of the report's generation loop, a tf.function step loop, and the charrnn runtime.
+
+    python benchmarks/benchmark.py [--model models/shakespeare] [--json benchmarks/results.json]
+
+All rows run in one process on one machine, so the ratios compare like with like. Every figure is
+the median of --repeats runs. Needs the [train] extra (TensorFlow) for the reference rows.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow rows on CPU; onnxruntime does its own CUDA
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIME = "ROMEO: "
+
+
+def median_rate(work, units, repeats):
+    """Median units/second of `work()` over repeats (after one warm-up run)."""
+    work()
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        rates.append(units / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def report_loop(keras_file, vocab, chars, repeats):
+    """The report's loop: the model rebuilt at batch 1 with a stateful GRU, one call per character."""
+    import keras
+    import tensorflow as tf
+
+    trained = keras.models.load_model(keras_file, compile=False)
+    units = trained.get_layer("gru").units
+    model = keras.Sequential([
+        keras.Input(batch_shape=(1, None), dtype="int32"),
+        keras.layers.Embedding(len(vocab), trained.get_layer("embedding").output_dim),
+        keras.layers.GRU(units, return_sequences=True, stateful=True, recurrent_initializer="glorot_uniform"),
+        keras.layers.Dense(len(vocab)),
+    ])
+    model.set_weights(trained.get_weights())
+    index = {c: i for i, c in enumerate(vocab)}
+
+    def generate():
+        model.get_layer(index=1).reset_states()
+        input_eval = tf.expand_dims([index[c] for c in PRIME], 0)
+        for _ in range(chars):
+            predictions = model(input_eval)[:, -1, :] / 1.0
+            predicted_id = tf.random.categorical(predictions, num_samples=1)[-1, 0]
+            input_eval = tf.expand_dims([predicted_id], 0)
+    return median_rate(generate, chars, repeats)
+
+
+def tf_function_loop(keras_file, vocab, chars, repeats):
+    """A tf.function single step with external state and tf.random.categorical."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.load_model(keras_file, compile=False)
+    embedding, gru, dense = (model.get_layer(n) for n in ("embedding", "gru", "logits"))
+
+    @tf.function(input_signature=[tf.TensorSpec([1], tf.int32), tf.TensorSpec([1, gru.units], tf.float32)])
+    def step(char, hidden):
+        output, states = gru.cell(embedding(char), [hidden])
+        next_char = tf.random.categorical(dense(output), 1)[:, 0]
+        return tf.cast(next_char, tf.int32), states[0]
+
+    def generate():
+        hidden = tf.zeros([1, gru.units])
+        char = None
+        for c in PRIME:
+            char, hidden = step(tf.constant([vocab.index(c)]), hidden)
+        for _ in range(chars):
+            char, hidden = step(char, hidden)
+    return median_rate(generate, chars, repeats)
+
+
+def runtime_rate(model, streams, chars, repeats):
+    """Aggregate chars/s of the runtime's batched sampling loop (prime fed once, then forked)."""
+    return median_rate(lambda: model.generate_batch(PRIME, chars, num_samples=streams, seed=0),
+                       chars * streams, repeats)
+
+
+def cold_start(model_path, repeats):
+    """Median wall time of `charrnn-run --length 1` as a new process."""
+    command = [sys.executable, "-m", "charrnn_runtime", "--model", str(model_path), "--length", "1",
+               "--provider", "cpu"]
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def training_step_seconds(corpus, steps):
+    """Seconds per step, second epoch of each: charrnn-train vs a plain model.fit of the same model."""
+    import keras
+
+    from charrnn_train import train
+    from charrnn_train.data import encode, split
+    from charrnn_train.model import build_model, compile_model
+
+    text = Path(corpus).read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory() as tmp:
+        small = Path(tmp) / "corpus.txt"
+        small.write_text(text[: steps * 64 * 101 + 1], encoding="utf-8")
+        run = train.start(train.Config(corpus=str(small), epochs=2), Path(tmp) / "run")
+        history = train.train(run, log=lambda line: None)
+        charrnn = history[1]["seconds"] / steps
+
+        vocab = sorted(set(small.read_text(encoding="utf-8")))
+        batches, _ = split(encode(small.read_text(encoding="utf-8"), vocab), 100, 64, 10_000, seed=0)
+        inputs, targets = batches.epoch(1)
+        keras.utils.set_random_seed(0)
+        model = compile_model(build_model(len(vocab)))
+
+        class EpochTimer(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds = time.perf_counter() - self.started
+        timer = EpochTimer()
+        model.fit(inputs, targets, batch_size=64, epochs=2, verbose=0, callbacks=[timer])
+        return charrnn, timer.seconds / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "models" / "shakespeare"))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chars", type=int, default=2000, help="characters per runtime measurement")
+    parser.add_argument("--reference-chars", type=int, default=200, help="characters per report-loop run")
+    parser.add_argument("--training-steps", type=int, default=20, help="steps per epoch for row 7 (0 = skip)")
+    args = parser.parse_args()
+
+    import charrnn_runtime
+    from charrnn_runtime.providers import cuda_unavailable_reason
+
+    bundle = Path(args.model)
+    keras_file = bundle / "training" / "model.keras"
+    rows = []
+
+    def add(name, value, unit="chars/s", streams=1):
+        rows.append({"name": name, "value": value, "unit": unit, "streams": streams})
+        print(f"  {name}: {value:,.4g} {unit}", file=sys.stderr, flush=True)
+
+    cpu = {variant: charrnn_runtime.load(bundle, provider="cpu", variant=variant) for variant in ("fp32", "int8")}
+    vocab = cpu["fp32"].vocab
+    add("(1) report loop: stateful Keras model + tf.random.categorical",
+        report_loop(keras_file, vocab, args.reference_chars, args.repeats))
+    add("(2) tf.function step + tf.random.categorical",
+        tf_function_loop(keras_file, vocab, args.chars // 2, args.repeats))
+    for variant, model in cpu.items():
+        add(f"(3) runtime cpu {variant}, 1 stream", runtime_rate(model, 1, args.chars, args.repeats))
+    for variant, model in cpu.items():
+        for streams in (16, 64, 256):
+            chars = max(50, args.chars // streams * 4)
+            add(f"(4) runtime cpu {variant}, {streams} streams", runtime_rate(model, streams, chars, args.repeats),
+                streams=streams)
+
+    cuda_reason = cuda_unavailable_reason()
+    if cuda_reason is None:
+        try:
+            gpu = charrnn_runtime.load(bundle, provider="cuda")
+        except charrnn_runtime.CharrnnError as e:
+            cuda_reason = str(e)
+        else:
+            add("(5) runtime cuda fp32, 1 stream", runtime_rate(gpu, 1, args.chars, args.repeats))
+            for streams in (64, 1024, 4096):
+                add(f"(5) runtime cuda fp32, {streams} streams", runtime_rate(gpu, streams, 200, args.repeats),
+                    streams=streams)
+    if cuda_reason:
+        print(f"  (5) cuda skipped: {cuda_reason}", file=sys.stderr)
+
+    add("(6) cold start: charrnn-run --length 1", cold_start(bundle, args.repeats), unit="s")
+    if args.training_steps:
+        ours, plain = training_step_seconds(ROOT / "train" / "data" / "tinyshakespeare.txt", args.training_steps)
+        add("(7) training: charrnn-train", ours, unit="s/step")
+        add("(7) training: plain model.fit", plain, unit="s/step")
+
+    report, step_loop = rows[0]["value"], rows[1]["value"]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    lines = [f"machine: {machine}; onnxruntime {charrnn_runtime.model.ort.__version__}; "
+             f"medians of {args.repeats}", "",
+             "| measurement | value | × report loop | × tf.function loop |", "|---|---:|---:|---:|"]
+    for row in rows:
+        ratio = (f"{row['value'] / report:,.1f}×", f"{row['value'] / step_loop:,.1f}×") \
+            if row["unit"] == "chars/s" else ("", "")
+        lines.append(f"| {row['name']} | {row['value']:,.4g} {row['unit']} | {ratio[0]} | {ratio[1]} |")
+    print("\n".join(lines))
+    Path(args.json).write_text(json.dumps({"machine": machine, "repeats": args.repeats, "rows": rows,
+                                           "cuda_skipped": cuda_reason}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The shipped Shakespeare bundle: intact, still equal to its SavedModel, and what the report trained."""
+
+import json
+
+import numpy as np
+import pytest
+
+import charrnn_runtime
+from charrnn_runtime.files import sha256_file
+from conftest import SHIPPED, needs_tf
+
+pytestmark = pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="no shipped model")
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return json.loads((SHIPPED / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return charrnn_runtime.load(SHIPPED, provider="cpu")
+
+
+def test_manifest_hashes_match_the_files(manifest):
+    for name, digest in manifest["files"].items():
+        assert sha256_file(SHIPPED / name) == digest, name
+
+
+def test_it_is_the_reports_model_trained_to_the_reports_loss(manifest, model):
+    assert charrnn_runtime.DEFAULT_MODEL == SHIPPED
+    assert manifest["vocab_size"] == 65 and manifest["units"] == 1024
+    config = manifest["training"]["config"]
+    assert (config["epochs"], config["batch_size"], config["seq_length"], config["embedding_dim"]) == (10, 64, 100, 256)
+    assert manifest["training"]["final"]["loss"] <= 1.30
+    for fmt in ("saved_model", "onnx", "onnx-reference"):
+        assert manifest["validation"][fmt]["max_abs_logit_diff"] <= 1e-4
+    assert model.vocab == manifest["vocab"]
+    for name in ("history.json", "loss.png", "model.keras"):
+        assert (SHIPPED / "training" / name).is_file()
+    assert (SHIPPED / "sample.txt").read_text().startswith("ROMEO: ")
+
+
+@pytest.fixture(scope="module")
+def saved_model_step():
+    pytest.importorskip("tensorflow")
+    from charrnn_export.export import saved_model_step
+
+    return saved_model_step(SHIPPED / "saved_model")
+
+
+@needs_tf
+def test_onnx_logits_match_the_saved_model_on_a_few_hundred_characters(model, saved_model_step):
+    from charrnn_export.validate import step_through
+
+    text = (SHIPPED.parents[1] / "train" / "data" / "sonnets.txt").read_text()[:300]
+    ids = model.encode(text)[None, :]
+    onnx_step = lambda char, hidden: model.session.run(None, {"char": char, "hidden": hidden})  # noqa: E731
+    onnx_logits = step_through(onnx_step, ids, model.units)
+    saved_logits = step_through(saved_model_step, ids, model.units)
+    assert np.abs(onnx_logits - saved_logits).max() < 1e-4
+
+
+@needs_tf
+def test_greedy_runtime_equals_greedy_saved_model_for_200_characters(model, saved_model_step):
+    prime = "ROMEO: "
+    hidden, chars = np.zeros((1, model.units), np.float32), model.encode(prime)
+    for char in chars:
+        logits, hidden = saved_model_step(np.array([char], np.int32), hidden)
+    out = []
+    for _ in range(200):
+        char = int(np.argmax(logits[0]))
+        out.append(model.vocab[char])
+        logits, hidden = saved_model_step(np.array([char], np.int32), hidden)
+    assert model.generate(prime, 200, temperature=0) == "".join(out)
+
+
+def test_score_of_held_out_sonnets_is_far_below_uniform(model):
+    text = (SHIPPED.parents[1] / "train" / "data" / "sonnets.txt").read_text()[:500]
+    assert model.score(text)["bits_per_char"] < 3.0 < np.log2(65)
