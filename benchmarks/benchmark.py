@@ -18,9 +18,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow rows on CPU; onnxruntime does its own CUDA
-
-import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIME = "ROMEO: "

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "shakespeare"
@@ -23,6 +22,15 @@ TINY = dict(epochs=2, batch_size=8, seq_length=24, embedding_dim=8, units=32, se
 def run_python(code, **kwargs):
     """Run code in a fresh interpreter; returns CompletedProcess (text)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def assert_one_line_error(result, *fragments):
+    """A CLI's bad-input contract: exit code 2 and one line 'Error: …' naming the problem."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import needs_tf, run_python
+from conftest import assert_one_line_error, needs_tf, run_python
 
 pytestmark = needs_tf
 
@@ -105,10 +105,6 @@ def _export_cli(args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def _assert_one_line_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], result.output
 
 
 def test_failed_validation_writes_nothing(tiny_run, tmp_path):
@@ -153,20 +149,20 @@ def test_cli_exports_with_default_output(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "onnx         max |Δlogit|" in result.output
     assert (run / "bundle" / "model.onnx").is_file()
-    _assert_one_line_error(_export_cli([run]), "output exists")
+    assert_one_line_error(_export_cli([run]), "output exists")
     assert _export_cli([run, "--force"]).exit_code == 0
 
 
 def test_bad_sources(tmp_path, tiny_run):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "empty").mkdir()
-    _assert_one_line_error(_export_cli([tmp_path / "missing"]), "no such run or model")
-    _assert_one_line_error(_export_cli([tmp_path / "notes.txt"]), "not a trained model or run")
-    _assert_one_line_error(_export_cli([tmp_path / "empty", tmp_path / "out"]), "not a charrnn training run")
+    assert_one_line_error(_export_cli([tmp_path / "missing"]), "no such run or model")
+    assert_one_line_error(_export_cli([tmp_path / "notes.txt"]), "not a trained model or run")
+    assert_one_line_error(_export_cli([tmp_path / "empty", tmp_path / "out"]), "not a charrnn training run")
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a zip")
     (tmp_path / "vocab.json").write_text(json.dumps(tiny_run.vocab))
-    _assert_one_line_error(_export_cli([broken, tmp_path / "out"]), "cannot load Keras model")
+    assert_one_line_error(_export_cli([broken, tmp_path / "out"]), "cannot load Keras model")
 
 
 def test_unsupported_architecture(tmp_path, tiny_run):
@@ -176,7 +172,7 @@ def test_unsupported_architecture(tmp_path, tiny_run):
                              keras.layers.LSTM(8, return_sequences=True), keras.layers.Dense(10)])
     lstm.save(tmp_path / "lstm.keras")
     (tmp_path / "vocab.json").write_text(json.dumps([str(i) for i in range(10)]))
-    _assert_one_line_error(_export_cli([tmp_path / "lstm.keras", tmp_path / "out"]),
+    assert_one_line_error(_export_cli([tmp_path / "lstm.keras", tmp_path / "out"]),
                            "unsupported architecture Embedding → LSTM → Dense")
 
 
@@ -185,4 +181,4 @@ def test_bare_keras_model_needs_validation_text(tiny_bundle, tmp_path):
 
     shutil.copy(tiny_bundle / "training" / "model.keras", tmp_path / "model.keras")
     shutil.copy(tiny_bundle / "training" / "vocab.json", tmp_path / "vocab.json")
-    _assert_one_line_error(_export_cli([tmp_path / "model.keras", tmp_path / "out"]), "--validation-text")
+    assert_one_line_error(_export_cli([tmp_path / "model.keras", tmp_path / "out"]), "--validation-text")

@@ -13,7 +13,7 @@ import charrnn_runtime
 from charrnn_runtime import CharrnnError, SamplingParams, State
 from charrnn_runtime.cli import main as run_cli
 from charrnn_runtime.sampling import GumbelNoise, allowed_mask, sample
-from conftest import HAS_TF, run_python
+from conftest import HAS_TF, assert_one_line_error, run_python
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +193,6 @@ def _run(*args):
     return CliRunner().invoke(run_cli, [str(a) for a in args])
 
 
-def _assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_cli_streams_prime_and_text(model_path, model, prime):
@@ -243,15 +237,15 @@ def test_cli_help_explains_every_option():
     (["--num-samples", "0"], "--num-samples"),
 ])
 def test_cli_bad_input(model_path, args, fragment):
-    _assert_one_line_error(_run("--model", model_path, *args), fragment)
+    assert_one_line_error(_run("--model", model_path, *args), fragment)
 
 
 def test_cli_missing_and_foreign_files(tmp_path):
-    _assert_one_line_error(_run("--model", tmp_path / "nope"), "model not found")
+    assert_one_line_error(_run("--model", tmp_path / "nope"), "model not found")
     (tmp_path / "junk.onnx").write_bytes(b"\x08\x01junk")
-    _assert_one_line_error(_run("--model", tmp_path / "junk.onnx"), "cannot load ONNX model")
+    assert_one_line_error(_run("--model", tmp_path / "junk.onnx"), "cannot load ONNX model")
     (tmp_path / "dir").mkdir()
-    _assert_one_line_error(_run("--model", tmp_path / "dir"), "not a charrnn model bundle")
+    assert_one_line_error(_run("--model", tmp_path / "dir"), "not a charrnn model bundle")
 
 
 def test_cli_corrupted_bundle(model_path, tmp_path):
@@ -260,7 +254,7 @@ def test_cli_corrupted_bundle(model_path, tmp_path):
     data = bytearray((bundle / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (bundle / "model.onnx").write_bytes(bytes(data))
-    _assert_one_line_error(_run("--model", bundle), "corrupted")
+    assert_one_line_error(_run("--model", bundle), "corrupted")
 
 
 @pytest.mark.skipif(not HAS_TF, reason="building foreign ONNX files needs onnx")
@@ -271,11 +265,11 @@ def test_cli_onnx_without_or_with_wrong_metadata(model_path, tmp_path):
     meta = json.loads(model.metadata_props[0].value)
     del model.metadata_props[:]
     onnx.save(model, str(tmp_path / "plain.onnx"))
-    _assert_one_line_error(_run("--model", tmp_path / "plain.onnx"), "not a charrnn model")
+    assert_one_line_error(_run("--model", tmp_path / "plain.onnx"), "not a charrnn model")
     entry = model.metadata_props.add()
     entry.key, entry.value = "charrnn", json.dumps({**meta, "units": meta["units"] + 1})
     onnx.save(model, str(tmp_path / "wrong.onnx"))
-    _assert_one_line_error(_run("--model", tmp_path / "wrong.onnx"), "metadata does not match")
+    assert_one_line_error(_run("--model", tmp_path / "wrong.onnx"), "metadata does not match")
 
 
 def test_cli_cuda_requested_but_unavailable(model_path):
@@ -283,7 +277,7 @@ def test_cli_cuda_requested_but_unavailable(model_path):
 
     if cuda_unavailable_reason() is None:
         pytest.skip("this machine may really have CUDA")
-    _assert_one_line_error(_run("--model", model_path, "--provider", "cuda"), "CUDA requested but unavailable")
+    assert_one_line_error(_run("--model", model_path, "--provider", "cuda"), "CUDA requested but unavailable")
 
 
 # -- what the runtime imports -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import CORPUS, TINY, needs_tf
+from conftest import CORPUS, TINY, assert_one_line_error, needs_tf
 
 pytestmark = needs_tf
 
@@ -142,49 +142,43 @@ def _cli(args):
     return CliRunner().invoke(main, args)
 
 
-def _assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_cli_bad_corpus(tmp_path):
     empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
     empty.write_text("")
     binary.write_bytes(b"abc\xff\xfe")
-    _assert_one_line_error(_cli(["--corpus", str(tmp_path / "missing.txt")]), "not found")
-    _assert_one_line_error(_cli(["--corpus", str(empty)]), "empty")
-    _assert_one_line_error(_cli(["--corpus", str(binary)]), "UTF-8")
+    assert_one_line_error(_cli(["--corpus", str(tmp_path / "missing.txt")]), "not found")
+    assert_one_line_error(_cli(["--corpus", str(empty)]), "empty")
+    assert_one_line_error(_cli(["--corpus", str(binary)]), "UTF-8")
 
 
 def test_cli_corpus_too_short_says_how_many_characters_are_needed(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("hello world " * 100)
     result = _cli(["--corpus", str(short), "--out", str(tmp_path / "run")])
-    _assert_one_line_error(result, "1,200 characters", f"{64 * 101:,}")
+    assert_one_line_error(result, "1,200 characters", f"{64 * 101:,}")
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("option", ["--epochs", "--batch-size", "--seq-length", "--units", "--embedding-dim",
                                     "--learning-rate"])
 def test_cli_non_positive_sizes(tmp_path, option):
-    _assert_one_line_error(_cli([option, "0", "--out", str(tmp_path / "run")]), "must be positive")
+    assert_one_line_error(_cli([option, "0", "--out", str(tmp_path / "run")]), "must be positive")
 
 
 def test_cli_bad_values_are_one_line(tmp_path):
-    _assert_one_line_error(_cli(["--epochs", "many"]), "--epochs")
-    _assert_one_line_error(_cli(["--validation-fraction", "1.5", "--out", str(tmp_path / "r")]),
+    assert_one_line_error(_cli(["--epochs", "many"]), "--epochs")
+    assert_one_line_error(_cli(["--validation-fraction", "1.5", "--out", str(tmp_path / "r")]),
                            "validation-fraction")
 
 
 def test_cli_resume_on_a_directory_that_is_not_a_run(tmp_path):
-    _assert_one_line_error(_cli(["--resume", str(tmp_path)]), "not a charrnn training run")
+    assert_one_line_error(_cli(["--resume", str(tmp_path)]), "not a charrnn training run")
 
 
 def test_cli_refuses_to_overwrite_a_run(tiny_run):
-    _assert_one_line_error(_cli(["--out", str(tiny_run.path)]), "--resume")
+    assert_one_line_error(_cli(["--out", str(tiny_run.path)]), "--resume")
     result = _cli(["--resume", str(tiny_run.path)])
     assert result.exit_code == 0 and "already complete" in result.output
 
