@@ -1,5 +1,7 @@
+import importlib.util
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -189,3 +191,17 @@ def test_cli_trains_end_to_end(tmp_path, tiny_corpus):
     assert result.exit_code == 0, result.output
     assert "epoch 1: loss" in result.output
     assert (tmp_path / "run" / "model.keras").is_file()
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_keras_backends_train_and_export_under_tensorflow(backend, tmp_path, tiny_corpus):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    from charrnn_export.export import Source, export
+
+    command = [sys.executable, "-m", "charrnn_train", "--corpus", str(tiny_corpus), "--out", str(tmp_path / "run"),
+               "--epochs", "1", "--batch-size", "8", "--seq-length", "24", "--units", "16", "--embedding-dim", "4"]
+    result = subprocess.run(command, env={**os.environ, "KERAS_BACKEND": backend}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["keras_backend"] == backend
+    export(Source(tmp_path / "run"), tmp_path / "bundle", log=lambda line: None)  # loads in TensorFlow

@@ -9,6 +9,7 @@ A bundle is a directory:
 It is built in a temporary directory and renamed into place only after validation passed.
 """
 
+import dataclasses
 import json
 import logging
 import platform
@@ -89,7 +90,7 @@ class Source:
         if self.run is None:
             return None
         last = self.run.history[-1]
-        return {"config": self.run.config.__dict__, "epochs_trained": len(self.run.history),
+        return {"config": dataclasses.asdict(self.run.config), "epochs_trained": len(self.run.history),
                 "final": {k: v for k, v in last.items() if k != "seconds"}}
 
     def encode(self, text):
