@@ -312,12 +312,10 @@ def cuda_model(model_path):
 
 @pytest.mark.cuda
 def test_cuda_keeps_the_state_on_the_gpu_and_matches_cpu(cuda_model, model, prime):
-    import onnxruntime as ort
-
     assert cuda_model.provider == "cuda" and "CUDAExecutionProvider" in cuda_model.session.get_providers()
-    state = cuda_model.feed(cuda_model.initial_state(), prime)
-    assert isinstance(state._hidden, ort.OrtValue) and state._hidden.device_name().lower() == "cuda"
-    np.testing.assert_allclose(state.hidden, model.feed(model.initial_state(), prime).hidden, atol=1e-4)
+    generator = cuda_model.generator(prime, seed=1)
+    assert all(h.device_name().lower() == "cuda" for h in generator.stepper.hidden)
+    np.testing.assert_allclose(generator.state.hidden, model.feed(model.initial_state(), prime).hidden, atol=1e-4)
     assert cuda_model.generate(prime, 200, temperature=0) == model.generate(prime, 200, temperature=0)
 
 

@@ -4,8 +4,10 @@
     text = model.generate("ROMEO: ", length=200, temperature=0.8, seed=1)
 
 State is explicit (State: hidden + the logits for the next character, one row per stream): start
-from `initial_state`, `feed` text, `fork` it, save it, continue it later. On CUDA the hidden state
-stays on the GPU between steps; only the logits cross to the host for sampling.
+from `initial_state`, `feed` text, `fork` it, save it, continue it later. Loops (feed, score,
+generation) run through a Stepper, whose onnxruntime IO binding is set up once: on CPU its buffers
+share memory with numpy arrays, so a step copies nothing; on CUDA the hidden state stays on the GPU
+between steps and only the logits cross to the host for sampling.
 """
 
 import io
@@ -23,22 +25,16 @@ from .sampling import GumbelNoise, SamplingParams, sample
 
 
 class State:
-    """Hidden state and next-character logits for a batch of streams.
+    """Hidden state [n, units] and next-character logits [n, vocab] of n streams (host arrays).
 
-    `hidden` is a numpy array, or an onnxruntime OrtValue when it lives on the GPU. The initial
-    state's logits are zeros, i.e. a uniform first character when there is no prime.
+    The initial state's logits are zeros, i.e. a uniform first character when there is no prime.
     """
 
     def __init__(self, hidden, logits):
-        self._hidden, self.logits = hidden, logits
+        self.hidden, self.logits = hidden, logits
 
     def __len__(self):
         return len(self.logits)
-
-    @property
-    def hidden(self):
-        """Hidden state [n, units] as a numpy array (copied from the GPU if it lives there)."""
-        return self._hidden.numpy() if isinstance(self._hidden, ort.OrtValue) else self._hidden
 
     def select(self, rows):
         """A new state of the given rows (repeat a row to fork it)."""
@@ -65,6 +61,43 @@ class State:
                 return cls(saved["hidden"].astype(np.float32), saved["logits"].astype(np.float32))
         except (OSError, ValueError, KeyError) as e:
             raise CharrnnError(f"not a saved charrnn state: {path} ({e})") from None
+
+
+class Stepper:
+    """Steps n streams in place: IO binding set up once, the hidden state ping-pongs between two buffers.
+
+    Two bindings (hidden A → B and B → A) are prepared up front, so a step is: write the chars,
+    run, flip. The char and logits buffers are host numpy arrays the OrtValues share memory with.
+    """
+
+    def __init__(self, model, state):
+        device = "cuda" if model.provider == "cuda" else "cpu"
+        names = model.tensors
+        self.session = model.session
+        self.chars = np.zeros(len(state), np.int32)
+        self.logits = np.array(state.logits, dtype=np.float32, order="C")
+        self.hidden = [ort.OrtValue.ortvalue_from_numpy(np.array(state.hidden, np.float32, order="C"), device, 0),
+                       ort.OrtValue.ortvalue_from_shape_and_type(state.hidden.shape, np.float32, device, 0)]
+        chars, logits = ort.OrtValue.ortvalue_from_numpy(self.chars), ort.OrtValue.ortvalue_from_numpy(self.logits)
+        self.bindings = []
+        for source, target in ((0, 1), (1, 0)):
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input(names["char"], chars)
+            binding.bind_ortvalue_input(names["hidden"], self.hidden[source])
+            binding.bind_ortvalue_output(names["logits"], logits)
+            binding.bind_ortvalue_output(names["next_hidden"], self.hidden[target])
+            self.bindings.append(binding)
+        self.current = 0  # which hidden buffer holds the state
+
+    def step(self, chars):
+        """Advance every stream by one character; self.logits then holds the next-character logits."""
+        self.chars[:] = chars
+        self.session.run_with_iobinding(self.bindings[self.current])
+        self.current ^= 1
+
+    def state(self):
+        """A snapshot (copies) of the current state."""
+        return State(self.hidden[self.current].numpy(), self.logits.copy())
 
 
 class Model:
@@ -100,41 +133,29 @@ class Model:
     def step(self, state, chars):
         """Advance every stream by one character (ids [n]); returns the new state."""
         chars = np.asarray(chars, dtype=np.int32).reshape(len(state))
-        if self.provider == "cuda":
-            return self._step_on_device(state, chars)
         logits, hidden = self.session.run(self._outputs, {self.tensors["char"]: chars,
                                                           self.tensors["hidden"]: state.hidden})
         return State(hidden, logits)
 
-    def _step_on_device(self, state, chars):
-        """CUDA: hidden in and out as GPU OrtValues; only the logits are copied to the host."""
-        hidden = state._hidden
-        if not isinstance(hidden, ort.OrtValue):
-            hidden = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(hidden), "cuda", 0)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(self.tensors["char"], chars)
-        binding.bind_ortvalue_input(self.tensors["hidden"], hidden)
-        binding.bind_output(self.tensors["logits"], "cpu")
-        binding.bind_output(self.tensors["next_hidden"], "cuda", 0)
-        self.session.run_with_iobinding(binding)
-        logits, next_hidden = binding.get_outputs()
-        return State(next_hidden, logits.numpy())
-
     def feed(self, state, text):
         """Run `text` through every stream of `state` (teacher-forced); returns the new state."""
-        for char in self.encode(text):
-            state = self.step(state, np.full(len(state), char, np.int32))
-        return state
+        ids = self.encode(text)
+        if not len(ids):
+            return state
+        stepper = Stepper(self, state)
+        for char in ids:
+            stepper.step(char)
+        return stepper.state()
 
     def score(self, text):
         """Mean loss (nats) and bits per character of text[1:] given the text before it."""
         ids = self.encode(text)
         if len(ids) < 2:
             raise CharrnnError("scoring needs at least 2 characters")
-        state, nll = self.initial_state(), 0.0
-        for current, target in zip(ids[:-1], ids[1:]):
-            state = self.step(state, [current])
-            z = state.logits[0].astype(np.float64)
+        stepper, nll = Stepper(self, self.initial_state()), 0.0
+        for current, target in zip(ids[:-1], ids[1:], strict=True):
+            stepper.step(current)
+            z = stepper.logits[0].astype(np.float64)
             nll += np.log(np.exp(z - z.max()).sum()) + z.max() - z[target]
         loss = nll / (len(ids) - 1)
         return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": len(ids) - 1}
@@ -168,18 +189,24 @@ class Generator:
     def __init__(self, model, state, params, seed=None):
         if seed is None:
             seed = secrets.randbits(31)
-        self.model, self.state, self.params, self.seed = model, state, params, seed
+        self.model, self.params, self.seed, self.rows = model, params, seed, len(state)
+        self.stepper = Stepper(model, state)
         self.noise = GumbelNoise([seed + row for row in range(len(state))], len(model.vocab))
+
+    @property
+    def state(self):
+        """A snapshot of the streams' state (to save, fork or continue elsewhere)."""
+        return self.stepper.state()
 
     def next_ids(self):
         """Sample one character per stream, advance the state, return the ids."""
-        ids = sample(self.state.logits, self.params, self.noise.next())
-        self.state = self.model.step(self.state, ids)
+        ids = sample(self.stepper.logits, self.params, self.noise.next())
+        self.stepper.step(ids)
         return ids
 
     def stream(self, length, stop=None):
         """Yield the characters of stream 0 until `length` characters or a stop string (included)."""
-        if len(self.state) != 1:
+        if self.rows != 1:
             raise CharrnnError("stream() generates one stream; use run() for several")
         stops, text = _stops(stop), ""
         for _ in range(_length(length)):
@@ -191,8 +218,8 @@ class Generator:
 
     def run(self, length, stop=None):
         """Texts of all streams: each ends after `length` characters or its first stop string."""
-        stops, rows = _stops(stop), len(self.state)
-        steps, texts, done = [], [""] * rows, np.zeros(rows, bool)
+        stops = _stops(stop)
+        steps, texts, done = [], [""] * self.rows, np.zeros(self.rows, bool)
         for _ in range(_length(length)):
             ids = self.next_ids()
             if not stops:
