@@ -135,6 +135,23 @@ def training_step_seconds(corpus, steps):
         return charrnn, timer.seconds / steps
 
 
+def describe_machine():
+    """CPU model and core count, plus the GPU's name where nvidia-smi answers."""
+    cpu = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    machine = f"{cpu}, {os.cpu_count()} cores"
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        gpu = ""
+    return machine + (f", {gpu}" if gpu else "")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "shakespeare"))
@@ -154,7 +171,7 @@ def main():
 
     def add(name, value, unit="chars/s", streams=1):
         rows.append({"name": name, "value": value, "unit": unit, "streams": streams})
-        print(f"  {name}: {value:,.4g} {unit}", file=sys.stderr, flush=True)
+        print(f"  {name}: {value:,.5g} {unit}", file=sys.stderr, flush=True)
 
     cpu = {variant: charrnn_runtime.load(bundle, provider="cpu", variant=variant) for variant in ("fp32", "int8")}
     vocab = cpu["fp32"].vocab
@@ -191,14 +208,15 @@ def main():
         add("(7) training: plain model.fit", plain, unit="s/step")
 
     report, step_loop = rows[0]["value"], rows[1]["value"]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    machine = describe_machine()
     lines = [f"machine: {machine}; onnxruntime {charrnn_runtime.model.ort.__version__}; "
              f"medians of {args.repeats}", "",
              "| measurement | value | × report loop | × tf.function loop |", "|---|---:|---:|---:|"]
     for row in rows:
         ratio = (f"{row['value'] / report:,.1f}×", f"{row['value'] / step_loop:,.1f}×") \
             if row["unit"] == "chars/s" else ("", "")
-        lines.append(f"| {row['name']} | {row['value']:,.4g} {row['unit']} | {ratio[0]} | {ratio[1]} |")
+        value = f"{row['value']:,.0f}" if row["unit"] == "chars/s" else f"{row['value']:.3f}"
+        lines.append(f"| {row['name']} | {value} {row['unit']} | {ratio[0]} | {ratio[1]} |")
     print("\n".join(lines))
     Path(args.json).write_text(json.dumps({"machine": machine, "repeats": args.repeats, "rows": rows,
                                            "cuda_skipped": cuda_reason}, indent=2) + "\n")
