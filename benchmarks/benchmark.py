@@ -103,36 +103,43 @@ def cold_start(model_path, repeats):
 
 
 def training_step_seconds(corpus, steps):
-    """Seconds per step, second epoch of each: charrnn-train vs a plain model.fit of the same model."""
+    """Median seconds per step over a second epoch: charrnn-train vs a plain model.fit of the same model.
+
+    Medians of single steps, not epoch totals: on a shared machine a few slow steps would
+    otherwise decide the comparison.
+    """
     import keras
 
     from charrnn_train import train
     from charrnn_train.data import encode, split
     from charrnn_train.model import build_model, compile_model
 
-    text = Path(corpus).read_text(encoding="utf-8")
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    text = Path(corpus).read_text(encoding="utf-8")[: steps * 64 * 101 + 1]
     with tempfile.TemporaryDirectory() as tmp:
         small = Path(tmp) / "corpus.txt"
-        small.write_text(text[: steps * 64 * 101 + 1], encoding="utf-8")
-        run = train.start(train.Config(corpus=str(small), epochs=2), Path(tmp) / "run")
-        history = train.train(run, log=lambda line: None)
-        charrnn = history[1]["seconds"] / steps
+        small.write_text(text, encoding="utf-8")
+        ours = StepTimer()
+        train.train(train.start(train.Config(corpus=str(small), epochs=2), Path(tmp) / "run"),
+                    log=lambda line: None, callbacks=[ours])
 
-        vocab = sorted(set(small.read_text(encoding="utf-8")))
-        batches, _ = split(encode(small.read_text(encoding="utf-8"), vocab), 100, 64, 10_000, seed=0)
-        inputs, targets = batches.epoch(1)
-        keras.utils.set_random_seed(0)
-        model = compile_model(build_model(len(vocab)))
-
-        class EpochTimer(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.started = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.seconds = time.perf_counter() - self.started
-        timer = EpochTimer()
-        model.fit(inputs, targets, batch_size=64, epochs=2, verbose=0, callbacks=[timer])
-        return charrnn, timer.seconds / steps
+    vocab = sorted(set(text))
+    batches, _ = split(encode(text, vocab), 100, 64, 10_000, seed=0)
+    inputs, targets = batches.epoch(1)
+    keras.utils.set_random_seed(0)
+    plain = StepTimer()
+    compile_model(build_model(len(vocab))).fit(inputs, targets, batch_size=64, epochs=2, verbose=0, callbacks=[plain])
+    return statistics.median(ours.seconds[steps:]), statistics.median(plain.seconds[steps:])
 
 
 def describe_machine():
@@ -181,6 +188,9 @@ def main():
         tf_function_loop(keras_file, vocab, args.chars // 2, args.repeats))
     for variant, model in cpu.items():
         add(f"(3) runtime cpu {variant}, 1 stream", runtime_rate(model, 1, args.chars, args.repeats))
+        one_thread = charrnn_runtime.load(bundle, provider="cpu", variant=variant, threads=1)
+        add(f"(3) runtime cpu {variant}, 1 stream, 1 onnxruntime thread",
+            runtime_rate(one_thread, 1, args.chars, args.repeats))
     for variant, model in cpu.items():
         for streams in (16, 64, 256):
             chars = max(50, args.chars // streams * 4)

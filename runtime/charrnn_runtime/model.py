@@ -124,9 +124,6 @@ class Model:
             raise CharrnnError(f"characters not in the model's vocabulary: {shown}{more}")
         return np.fromiter((self.index[ch] for ch in text), dtype=np.int32, count=len(text))
 
-    def decode(self, ids):
-        return "".join(self.vocab[i] for i in ids)
-
     def initial_state(self, n=1):
         return State(np.zeros((n, self.units), np.float32), np.zeros((n, len(self.vocab)), np.float32))
 
@@ -165,7 +162,9 @@ class Model:
     def generator(self, prime="", num_samples=1, seed=None, state=None, **params):
         """A Generator for num_samples streams from `prime` (fed once, then forked)."""
         state = self.feed(state if state is not None else self.initial_state(), prime)
-        if len(state) == 1 and num_samples > 1:
+        if num_samples > 1:
+            if len(state) != 1:
+                raise CharrnnError(f"num_samples={num_samples} forks one stream, but the state has {len(state)}")
             state = state.fork(num_samples)
         return Generator(self, state, SamplingParams(**params), seed)
 
