@@ -1,6 +1,8 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -323,3 +325,12 @@ def test_cuda_keeps_the_state_on_the_gpu_and_matches_cpu(cuda_model, model, prim
 def test_cuda_batch_and_seeds(cuda_model, prime):
     batch = cuda_model.generate_batch(prime, 50, num_samples=4, seed=3)
     assert batch == [cuda_model.generate(prime, 50, seed=3 + i) for i in range(4)]
+
+
+@pytest.mark.skipif(HAS_TF, reason="checks an install without the [train] extra")
+def test_training_commands_name_the_extra_they_need(tmp_path):
+    for module, args in (("charrnn_train", ["--out", tmp_path / "run"]), ("charrnn_export", [tmp_path / "run"])):
+        result = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        command = module.replace("_", "-")
+        assert result.stderr.strip() == f"Error: {command} needs the [train] extra: pip install 'charrnn[train]'"
