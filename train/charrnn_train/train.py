@@ -121,12 +121,14 @@ def start(config, run_dir):
     data.split(data.encode(text, vocab), config.seq_length, config.batch_size,
                config.buffer_size, config.seed, config.validation_fraction)  # fail early if too short
     config.corpus = str(Path(config.corpus).resolve())
-    files.write_json(run.vocab_file, vocab)
-    files.write_json(run.config_file, {"config": dataclasses.asdict(config),
-                                       "corpus_sha256": files.sha256_file(config.corpus),
-                                       "corpus_chars": len(text),
-                                       "keras_backend": keras.backend.backend()})
-    files.write_json(run.history_file, [])
+    with files.atomic_directory(run.path) as tmp:  # a run directory is complete or absent
+        staged = Run(tmp)
+        files.write_json(staged.vocab_file, vocab)
+        files.write_json(staged.config_file, {"config": dataclasses.asdict(config),
+                                              "corpus_sha256": files.sha256_file(config.corpus),
+                                              "corpus_chars": len(text),
+                                              "keras_backend": keras.backend.backend()})
+        files.write_json(staged.history_file, [])
     return Run.open(run.path)
 
 
