@@ -1,5 +1,6 @@
 import json
 import math
+import gc
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,24 @@ def test_continue_in_later_calls_equals_one_long_run(model, prime):
     generator = model.generator(prime, seed=21, temperature=0.9)
     pieces = generator.run(40) + generator.run(60)
     assert "".join(pieces) == model.generate(prime, 100, seed=21, temperature=0.9)
+
+
+def test_fast_loop_equals_a_naive_step_by_step_loop(model, prime):
+    """The bound-buffer Stepper (feed, generators) against plain session.run steps."""
+    text = prime + model.generate(prime, 40, seed=8)
+    fed = model.feed(model.initial_state(2), text)
+    gc.collect()  # the feeding Stepper's buffers are freed and reused: the snapshot must not point into them
+    naive = model.initial_state(2)
+    for char in model.encode(text):
+        naive = model.step(naive, [char, char])
+    np.testing.assert_allclose(fed.hidden, naive.hidden, atol=1e-5)
+    np.testing.assert_allclose(fed.logits, naive.logits, atol=1e-4)
+    generator = model.generator(text, seed=1)
+    ids = generator.next_ids()
+    snapshot = generator.state
+    np.testing.assert_allclose(snapshot.hidden, model.step(fed.select([0]), ids).hidden, atol=1e-5)
+    # OrtValue.numpy() views memory the OrtValue frees: a snapshot must own its arrays
+    assert all(a.flags.owndata for a in (fed.hidden, fed.logits, snapshot.hidden, snapshot.logits))
 
 
 def test_feeding_in_pieces_equals_feeding_at_once(model, prime):

@@ -96,8 +96,8 @@ class Stepper:
         self.current ^= 1
 
     def state(self):
-        """A snapshot (copies) of the current state."""
-        return State(self.hidden[self.current].numpy(), self.logits.copy())
+        """A snapshot of the current state (copies: OrtValue.numpy() is a view of the bound buffer)."""
+        return State(self.hidden[self.current].numpy().copy(), self.logits.copy())
 
 
 class Model:
