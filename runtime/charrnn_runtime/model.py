@@ -154,7 +154,7 @@ class Model:
             stepper.step(current)
             z = stepper.logits[0].astype(np.float64)
             nll += np.log(np.exp(z - z.max()).sum()) + z.max() - z[target]
-        loss = nll / (len(ids) - 1)
+        loss = float(nll) / (len(ids) - 1)
         return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": len(ids) - 1}
 
     # -- generation --------------------------------------------------------------------------------
