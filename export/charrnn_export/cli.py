@@ -7,12 +7,16 @@ import click
 
 from charrnn_runtime.errors import Command, cli_errors, require_extra
 
+HELP = """Turn a trained run into a validated model bundle (SavedModel + ONNX + int8 ONNX).
+
+SOURCE is a run directory from charrnn-train, or a .keras file with a vocab.json beside it.
+OUT defaults to SOURCE/bundle for a run (SOURCE.bundle for a file)."""
 EPILOG = ("Every export is validated: held-out text is teacher-forced through the Keras model and stepped "
           "through the SavedModel, the ONNX model (onnxruntime) and onnx's reference evaluator; any logit "
           "or bits/char difference over the tolerance fails the export and nothing is written.")
 
 
-@click.command(cls=Command, help=__doc__.split(":", 1)[1].strip(), epilog=EPILOG)
+@click.command(cls=Command, help=HELP, epilog=EPILOG)
 @click.argument("source", type=click.Path())
 @click.argument("out", type=click.Path(), required=False)
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing bundle (atomically).")
@@ -23,7 +27,6 @@ EPILOG = ("Every export is validated: held-out text is teacher-forced through th
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max abs difference allowed for every logit and for bits/char.")
 def main(source, out, force, vocab_file, validation_text, tolerance):
-    """SOURCE is a run directory from charrnn-train or a .keras file; OUT defaults to SOURCE/bundle."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a GPU-traced GRU emits CudnnRNN ops tf2onnx cannot convert
     try:

@@ -13,7 +13,8 @@ EPILOG = ("The prime is printed, then the generated text streams after it. An em
           "and reported (stderr, or --json), so every run can be repeated.")
 
 
-@click.command(cls=Command, help=__doc__.split(":", 1)[1].strip(), epilog=EPILOG)
+@click.command(cls=Command, help="Generate text from a charrnn model with onnxruntime (numpy + onnxruntime only).",
+               epilog=EPILOG)
 @click.option("--model", "model_path", type=click.Path(), default=None,
               help="Bundle directory or model.onnx.  [default: the shipped models/shakespeare]")
 @click.option("--prime", default="ROMEO: ", show_default=True, help="Text to start from.")
