@@ -353,3 +353,9 @@ def test_training_commands_name_the_extra_they_need(tmp_path):
         assert result.returncode == 2, result.stderr
         command = module.replace("_", "-")
         assert result.stderr.strip() == f"Error: {command} needs the [train] extra: pip install 'charrnn[train]'"
+
+
+def test_cli_stops_quietly_when_the_reader_goes_away(model_path):
+    command = f"{sys.executable} -m charrnn_runtime --model {model_path} --length 5000 | head -c 10"
+    result = subprocess.run(["bash", "-c", f"{command}; exit ${{PIPESTATUS[0]}}"], capture_output=True, text=True)
+    assert len(result.stdout) == 10 and result.stderr == "" and result.returncode == 1

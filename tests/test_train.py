@@ -107,12 +107,13 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_corpus):
     np.testing.assert_allclose([r["loss"] for r in history], [r["loss"] for r in whole.history], rtol=1e-4)
 
 
-def test_kill_9_mid_epoch_loses_at_most_that_epoch(tmp_path, tiny_corpus):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "ctrl-c"])
+def test_a_stopped_run_loses_at_most_the_epoch_in_progress(tmp_path, tiny_corpus, stop):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "charrnn_train", "--corpus", str(tiny_corpus), "--out", str(out),
                "--epochs", "200", "--batch-size", "8", "--seq-length", "24", "--units", "32",
                "--embedding-dim", "8"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -124,8 +125,11 @@ def test_kill_9_mid_epoch_loses_at_most_that_epoch(tmp_path, tiny_corpus):
             pytest.fail("training did not complete two epochs in time")
         time.sleep(0.3)  # land somewhere inside a later epoch (or inside a checkpoint write)
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.send_signal(stop)
+        stderr = process.communicate(timeout=60)[1]
+    if stop == signal.SIGINT:
+        assert process.returncode == 130
+        assert stderr.strip().splitlines()[-1].endswith(f"continue with: charrnn-train --resume {out}")
 
     from charrnn_train import train
 

@@ -1,6 +1,8 @@
 """Errors users can fix, and how every charrnn CLI reports them: exit code 2, one line."""
 
 import contextlib
+import os
+import sys
 
 import click
 
@@ -31,6 +33,9 @@ def cli_errors():
     """Turn the errors a user can fix into one readable line and exit code 2."""
     try:
         yield
+    except BrokenPipeError:  # the reader went away (`charrnn-run | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except (CharrnnError, OSError) as e:
         raise BadInput(str(e)) from None
 

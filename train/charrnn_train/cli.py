@@ -1,6 +1,7 @@
 """charrnn-train: train the report's character GRU on any UTF-8 text."""
 
 import os
+import sys
 import time
 
 import click
@@ -50,5 +51,10 @@ def main(corpus, out, resume, **options):
         if len(run.history) >= run.config.epochs and run.model_file.exists():
             click.echo(f"run {run.path} is already complete ({run.config.epochs} epochs)", err=True)
         else:
-            training.train(run, log=lambda line: click.echo(line, err=True))
+            try:
+                training.train(run, log=lambda line: click.echo(line, err=True))
+            except KeyboardInterrupt:
+                click.echo(f"\ninterrupted after {len(run.history)} complete epochs; continue with: "
+                           f"charrnn-train --resume {run.path}", err=True)
+                sys.exit(130)
     click.echo(str(run.model_file))
