@@ -155,7 +155,13 @@ def test_generation_continues_from_a_saved_state(model, prime, tmp_path):
     state.save(tmp_path / "state.npz")
     loaded = State.load(tmp_path / "state.npz")
     np.testing.assert_array_equal(loaded.hidden, state.hidden)
+    copy = state.copy()
+    copy.hidden[:] = 0
+    assert state.hidden.any()  # a copy is independent
     assert (model.generate("", 50, seed=2, state=loaded) == model.generate(prime, 50, seed=2))
+    State(np.zeros((1, model.units + 1), np.float32), loaded.logits).save(tmp_path / "other.npz")
+    with pytest.raises(CharrnnError, match="state does not fit this model"):
+        model.generate("", 5, state=State.load(tmp_path / "other.npz"))
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(CharrnnError, match="not a saved charrnn state"):
         State.load(tmp_path / "junk.npz")

@@ -71,6 +71,7 @@ class Stepper:
     """
 
     def __init__(self, model, state):
+        model.check(state)
         device = "cuda" if model.provider == "cuda" else "cpu"
         names = model.tensors
         self.session = model.session
@@ -127,8 +128,16 @@ class Model:
     def initial_state(self, n=1):
         return State(np.zeros((n, self.units), np.float32), np.zeros((n, len(self.vocab)), np.float32))
 
+    def check(self, state):
+        """A clear error for a state from another model (e.g. a saved state loaded for the wrong one)."""
+        n = len(state)
+        if state.hidden.shape != (n, self.units) or state.logits.shape != (n, len(self.vocab)):
+            raise CharrnnError(f"state does not fit this model: hidden {state.hidden.shape}, logits "
+                               f"{state.logits.shape}; the model needs ({n}, {self.units}) and ({n}, {len(self.vocab)})")
+
     def step(self, state, chars):
         """Advance every stream by one character (ids [n]); returns the new state."""
+        self.check(state)
         chars = np.asarray(chars, dtype=np.int32).reshape(len(state))
         logits, hidden = self.session.run(self._outputs, {self.tensors["char"]: chars,
                                                           self.tensors["hidden"]: state.hidden})
