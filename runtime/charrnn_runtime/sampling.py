@@ -40,7 +40,7 @@ def allowed_mask(logits, params):
         dropped = np.argpartition(logits, vocab - params.top_k, axis=1)[:, : vocab - params.top_k]
         np.put_along_axis(mask, dropped, False, axis=1)
     if params.top_p is not None and params.top_p < 1:
-        z = np.asarray(logits, dtype=np.float64) / max(params.temperature, 1e-300)
+        z = np.asarray(logits, dtype=np.float64) / params.temperature
         p = np.exp(z - z.max(axis=1, keepdims=True))
         if mask is not None:
             p = np.where(mask, p, 0.0)
@@ -58,12 +58,11 @@ def sample(logits, params, noise):
     """Character ids [n] from logits [n, vocab] and Gumbel noise [n, vocab] (float64)."""
     if not np.isfinite(logits).all():
         raise CharrnnError("the model produced non-finite logits (NaN or inf): the model file is broken")
-    mask = allowed_mask(logits, params)
     if params.temperature == 0:
-        scores = np.asarray(logits, dtype=np.float64)
-    else:
-        scores = np.multiply(logits, 1.0 / params.temperature, dtype=np.float64)
-        scores += noise
+        return np.argmax(logits, axis=1)  # the most likely character is inside any top-k/top-p set
+    scores = np.multiply(logits, 1.0 / params.temperature, dtype=np.float64)
+    scores += noise
+    mask = allowed_mask(logits, params)
     if mask is not None:
         scores = np.where(mask, scores, -np.inf)
     return scores.argmax(axis=1)
