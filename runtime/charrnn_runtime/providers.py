@@ -37,9 +37,16 @@ def cuda_unavailable_reason():
 
 
 def preload_cuda_libraries():
-    """Load the pip-installed CUDA/cuDNN libraries the way onnxruntime-gpu expects."""
+    """Load the pip-installed CUDA/cuDNN libraries the way onnxruntime-gpu expects.
+
+    Where they are not pip-installed (system CUDA), this may fail; the session check that follows
+    then names what is missing.
+    """
     if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - any failure here is reported by the provider check
+            pass
 
 
 def create_session(model, provider="auto", threads=None):
