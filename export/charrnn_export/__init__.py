@@ -1,0 +1,1 @@
+"""charrnn export: a trained run → validated single-step SavedModel/ONNX bundle (charrnn-export)."""
