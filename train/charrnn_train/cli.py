@@ -52,7 +52,8 @@ def main(corpus, out, resume, **options):
             click.echo(f"run {run.path} is already complete ({run.config.epochs} epochs)", err=True)
         else:
             try:
-                training.train(run, log=lambda line: click.echo(line, err=True))
+                with training.StopOnInterrupt() as stop:
+                    training.train(run, log=lambda line: click.echo(line, err=True), callbacks=[stop])
             except KeyboardInterrupt:
                 click.echo(f"\ninterrupted after {len(run.history)} complete epochs; continue with: "
                            f"charrnn-train --resume {run.path}", err=True)

@@ -14,6 +14,7 @@ so `kill -9` at any moment loses at most the epoch in progress.
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,35 @@ class Progress(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.tty:
             self.stream.write("\r\033[K")
+
+
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Ctrl-C stops training at the next step boundary.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, and inside an object
+    finalizer (TensorFlow runs many) it is only printed and dropped. So SIGINT sets a flag and the
+    interrupt is raised from here; a second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 def start(config, run_dir):
