@@ -133,7 +133,8 @@ class Model:
         n = len(state)
         if state.hidden.shape != (n, self.units) or state.logits.shape != (n, len(self.vocab)):
             raise CharrnnError(f"state does not fit this model: hidden {state.hidden.shape}, logits "
-                               f"{state.logits.shape}; the model needs ({n}, {self.units}) and ({n}, {len(self.vocab)})")
+                               f"{state.logits.shape}; the model needs ({n}, {self.units}) and "
+                               f"({n}, {len(self.vocab)})")
 
     def step(self, state, chars):
         """Advance every stream by one character (ids [n]); returns the new state."""
