@@ -19,24 +19,19 @@ def _keras_logits(bundle, inputs):
     return np.asarray(keras.models.load_model(bundle / "training" / "model.keras", compile=False)(inputs))
 
 
-def _step_through(step, inputs, units):
-    from charrnn_export.validate import step_through
-
-    return step_through(step, inputs, units)
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 def test_saved_model_and_onnx_match_keras(tiny_bundle, batch):
     import onnxruntime as ort
 
     from charrnn_export.export import onnx_step, saved_model_step
+    from charrnn_export.validate import step_through
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     inputs = np.random.default_rng(batch).integers(0, manifest["vocab_size"], (batch, 40)).astype(np.int32)
     reference = _keras_logits(tiny_bundle, inputs)
     session = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     for step in (saved_model_step(tiny_bundle / "saved_model"), onnx_step(session)):
-        assert np.abs(_step_through(step, inputs, manifest["units"]) - reference).max() < 1e-4
+        assert np.abs(step_through(step, inputs, manifest["units"]) - reference).max() < 1e-4
 
 
 def test_manifest_records_validation_and_hashes(tiny_bundle):

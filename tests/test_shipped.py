@@ -51,12 +51,12 @@ def saved_model_step():
 
 @needs_tf
 def test_onnx_logits_match_the_saved_model_on_a_few_hundred_characters(model, saved_model_step):
+    from charrnn_export.export import onnx_step
     from charrnn_export.validate import step_through
 
     text = (SHIPPED.parents[1] / "train" / "data" / "sonnets.txt").read_text()[:300]
     ids = model.encode(text)[None, :]
-    onnx_step = lambda char, hidden: model.session.run(None, {"char": char, "hidden": hidden})  # noqa: E731
-    onnx_logits = step_through(onnx_step, ids, model.units)
+    onnx_logits = step_through(onnx_step(model.session), ids, model.units)
     saved_logits = step_through(saved_model_step, ids, model.units)
     assert np.abs(onnx_logits - saved_logits).max() < 1e-4
 

@@ -209,3 +209,11 @@ def test_other_keras_backends_train_and_export_under_tensorflow(backend, tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["keras_backend"] == backend
     export(Source(tmp_path / "run"), tmp_path / "bundle", log=lambda line: None)  # loads in TensorFlow
+
+
+def test_a_validation_split_must_hold_a_whole_sequence():
+    from charrnn_train.data import CorpusError, check_length
+
+    check_length(64 * 101, 100, 64)
+    with pytest.raises(CorpusError, match="need at least 101,000"):
+        check_length(10_000, 100, 64, validation_fraction=0.001)  # the tail would be 10 characters

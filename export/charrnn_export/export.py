@@ -28,7 +28,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from charrnn_runtime import files
 from charrnn_runtime.bundle import FORMAT, FORMAT_VERSION, METADATA_KEY, VARIANTS
 from charrnn_runtime.errors import CharrnnError
-from charrnn_train.data import encode, read_corpus
+from charrnn_train.data import encode, held_out_start, read_corpus
 from charrnn_train.train import Run
 
 from . import validate
@@ -81,7 +81,7 @@ class Source:
         config = self.run.config
         text = read_corpus(config.corpus)
         if config.validation_fraction > 0:
-            tail = text[len(text) - int(len(text) * config.validation_fraction):]
+            tail = text[held_out_start(len(text), config.validation_fraction):]
             return tail, {"source": f"validation split of {config.corpus}", "held_out": True}
         return text[-VALIDATION_TAIL_CHARS:], {"source": f"last {VALIDATION_TAIL_CHARS} characters of "
                                                f"{config.corpus} (seen in training)", "held_out": False}
@@ -133,21 +133,21 @@ def cpu_session(model):
     return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 
 
-def quantize_int8(fp32_path, int8_path):
+def quantize_int8(fp32_model, int8_path):
     """Dynamic int8 quantization of the matmul weights (the gather table stays fp32)."""
     logging.disable(logging.WARNING)  # it advises shape pre-processing, which is for conv nets
     try:
-        quantize_dynamic(fp32_path, int8_path, op_types_to_quantize=["MatMul"], per_channel=True,
+        quantize_dynamic(fp32_model, int8_path, op_types_to_quantize=["MatMul"], per_channel=True,
                          weight_type=QuantType.QInt8)
     finally:
         logging.disable(logging.NOTSET)
 
 
-def int8_cost(fp32_path, int8_path, ids, units):
+def int8_cost(fp32_model, int8_model, ids, units):
     """Bits per character of both variants on the validation text (4 rows, teacher-forced)."""
     rows = validate.segments(ids, 4, len(ids) // 4 - 1)
-    bpc = [validate.bits_per_char(validate.step_through(onnx_step(cpu_session(str(path))), rows[:, :-1], units),
-                                  rows[:, 1:]) for path in (fp32_path, int8_path)]
+    bpc = [validate.bits_per_char(validate.step_through(onnx_step(cpu_session(model)), rows[:, :-1], units),
+                                  rows[:, 1:]) for model in (fp32_model, int8_model)]
     return {"bits_per_char": bpc[1], "fp32_bits_per_char": bpc[0], "cost_bits_per_char": bpc[1] - bpc[0]}
 
 
@@ -202,16 +202,15 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
             "training": source.training_facts(), "versions": versions(),
             "validation": {"text": {**text_facts, "chars": len(ids)}, **results},
         }
-        fp32_path, int8_path = tmp / VARIANTS["fp32"], tmp / VARIANTS["int8"]
-        onnx.save_model(proto, str(fp32_path))
-        quantize_int8(str(fp32_path), str(int8_path))
-        facts["validation"]["int8"] = int8_cost(fp32_path, int8_path, ids, units)
+        int8_path = tmp / VARIANTS["int8"]
+        quantize_int8(proto, int8_path)
+        facts["validation"]["int8"] = int8_cost(proto.SerializeToString(), str(int8_path), ids, units)
         log(f"int8         bits/char {facts['validation']['int8']['bits_per_char']:.4f}, cost "
             f"{facts['validation']['int8']['cost_bits_per_char']:+.4f} vs fp32 (held-out: {text_facts['held_out']})")
-        for variant, path in (("fp32", fp32_path), ("int8", int8_path)):
-            model = onnx.load_model(str(path))
+        int8 = onnx.load_model(str(int8_path))
+        for variant, model in (("fp32", proto), ("int8", int8)):
             set_metadata(model, {**facts, "variant": variant})
-            onnx.save_model(model, str(path))
+            onnx.save_model(model, str(tmp / VARIANTS[variant]))
 
         if source.run is not None:
             (tmp / "training").mkdir()

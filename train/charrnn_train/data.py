@@ -6,6 +6,8 @@ backend: ids are cut into non-overlapping chunks of `seq_length + 1`, each chunk
 batched with the remainder dropped.
 """
 
+import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,13 +73,29 @@ def shuffle_buffer_order(n, buffer_size, rng):
     return np.asarray(order, dtype=np.int64)
 
 
-def min_corpus_chars(seq_length, batch_size, validation_fraction=0.0):
-    """Characters needed for one full training batch (and, if asked, one validation sequence)."""
+def check_length(chars, seq_length, batch_size, validation_fraction=0.0):
+    """CorpusError unless `chars` characters hold one training batch (and one validation sequence)."""
     train_chars = batch_size * (seq_length + 1)
-    if validation_fraction <= 0:
-        return train_chars
-    # the validation tail must hold at least one chunk of seq_length + 1
-    return max(int(np.ceil(train_chars / (1 - validation_fraction))), train_chars + seq_length + 1)
+    needed = train_chars
+    if validation_fraction > 0:  # the head must still hold the batch, the tail one sequence
+        needed = max(math.ceil(train_chars / (1 - validation_fraction)),
+                     math.ceil((seq_length + 1) / validation_fraction))
+    if chars < needed:
+        raise CorpusError(
+            f"corpus too short: {chars:,} characters, need at least {needed:,} "
+            f"for one batch of {batch_size} sequences of {seq_length}"
+            + (f" plus a {validation_fraction:g} validation split" if validation_fraction > 0 else "")
+        )
+
+
+def held_out_start(chars, validation_fraction):
+    """Where the held-out tail of a `chars`-character text begins (the validation split)."""
+    return chars - int(chars * validation_fraction)
+
+
+def fingerprint(text):
+    """sha256 of the corpus (its UTF-8 bytes), recorded so a resumed run can tell if it changed."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -110,16 +128,8 @@ def split(ids, seq_length, batch_size, buffer_size, seed, validation_fraction=0.
 
     The validation text is a contiguous tail, so no validation character is seen in training.
     """
-    needed = min_corpus_chars(seq_length, batch_size, validation_fraction)
-    if len(ids) < needed:
-        raise CorpusError(
-            f"corpus too short: {len(ids):,} characters, need at least {needed:,} "
-            f"for one batch of {batch_size} sequences of {seq_length}"
-            + (f" plus a {validation_fraction:g} validation split" if validation_fraction > 0 else "")
-        )
-    cut = len(ids) - int(len(ids) * validation_fraction)
+    check_length(len(ids), seq_length, batch_size, validation_fraction)
+    cut = held_out_start(len(ids), validation_fraction)
     train = Batches(*chunk(ids[:cut], seq_length), batch_size, buffer_size, seed)
     validation = chunk(ids[cut:], seq_length) if validation_fraction > 0 else None
-    if train.steps_per_epoch < 1:
-        raise CorpusError(f"corpus too short: need at least {needed:,} characters")
     return train, validation

@@ -147,15 +147,14 @@ def start(config, run_dir):
     if run.path.exists() and any(run.path.iterdir()):
         raise CharrnnError(f"output directory exists and is not empty: {run.path} (use --resume to continue a run)")
     text = data.read_corpus(config.corpus)
+    data.check_length(len(text), config.seq_length, config.batch_size, config.validation_fraction)
     vocab = data.build_vocab(text)
-    data.split(data.encode(text, vocab), config.seq_length, config.batch_size,
-               config.buffer_size, config.seed, config.validation_fraction)  # fail early if too short
     config.corpus = str(Path(config.corpus).resolve())
     with files.atomic_directory(run.path) as tmp:  # a run directory is complete or absent
         staged = Run(tmp)
         files.write_json(staged.vocab_file, vocab)
         files.write_json(staged.config_file, {"config": dataclasses.asdict(config),
-                                              "corpus_sha256": files.sha256_file(config.corpus),
+                                              "corpus_sha256": data.fingerprint(text),
                                               "corpus_chars": len(text),
                                               "keras_backend": keras.backend.backend()})
         files.write_json(staged.history_file, [])
@@ -166,7 +165,7 @@ def train(run, log=print, callbacks=()):
     """Train `run` from its last completed epoch to config.epochs; return the history."""
     config = run.config
     text = data.read_corpus(config.corpus)
-    if files.sha256_file(config.corpus) != run.corpus_sha256:
+    if data.fingerprint(text) != run.corpus_sha256:
         raise CharrnnError(f"corpus {config.corpus} changed since the run started (sha256 differs)")
     train_set, validation = data.split(data.encode(text, run.vocab), config.seq_length, config.batch_size,
                                        config.buffer_size, config.seed, config.validation_fraction)
