@@ -25,13 +25,15 @@ def test_saved_model_and_onnx_match_keras(tiny_bundle, batch):
 
     from charrnn_export.export import onnx_step, saved_model_step
     from charrnn_export.validate import step_through
+    from charrnn_runtime.bundle import state_spec
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    spec = state_spec(manifest)
     inputs = np.random.default_rng(batch).integers(0, manifest["vocab_size"], (batch, 40)).astype(np.int32)
     reference = _keras_logits(tiny_bundle, inputs)
     session = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    for step in (saved_model_step(tiny_bundle / "saved_model"), onnx_step(session)):
-        assert np.abs(step_through(step, inputs, manifest["units"]) - reference).max() < 1e-4
+    for step in (saved_model_step(tiny_bundle / "saved_model", spec), onnx_step(session, spec)):
+        assert np.abs(step_through(step, inputs, spec) - reference).max() < 1e-4
 
 
 def test_manifest_records_validation_and_hashes(tiny_bundle):
@@ -45,8 +47,9 @@ def test_manifest_records_validation_and_hashes(tiny_bundle):
     on_disk = {str(p.relative_to(tiny_bundle)) for p in tiny_bundle.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert all(sha256_file(tiny_bundle / name) == digest for name, digest in manifest["files"].items())
-    assert manifest["tensors"] == {"char": "char", "hidden": "hidden", "logits": "logits",
-                                   "next_hidden": "next_hidden"}
+    assert manifest["tensors"] == {"char": "char", "logits": "logits"}
+    assert manifest["state"] == [{"input": "hidden", "output": "next_hidden", "size": 32, "layer": 0,
+                                  "role": "hidden"}]  # a one-layer GRU keeps the report's cell signature
     assert manifest["training"]["epochs_trained"] == 2 and "loss" in manifest["training"]["final"]
 
 
@@ -79,7 +82,7 @@ def test_onnx_is_standard_self_contained_and_self_describing(tiny_bundle, tiny_r
 
     facts = json.loads({p.key: p.value for p in model.metadata_props}["charrnn"])
     assert facts["vocab"] == tiny_run.vocab and facts["variant"] == "fp32"
-    units = facts["units"]
+    units = facts["state"][0]["size"]
     out = ReferenceEvaluator(model).run(None, {"char": np.array([1, 2], np.int32),
                                                "hidden": np.zeros((2, units), np.float32)})
     assert out[0].shape == (2, len(tiny_run.vocab)) and out[1].shape == (2, units)
@@ -160,15 +163,21 @@ def test_bad_sources(tmp_path, tiny_run):
     assert_one_line_error(_export_cli([broken, tmp_path / "out"]), "cannot load Keras model")
 
 
-def test_unsupported_architecture(tmp_path, tiny_run):
+@pytest.mark.parametrize("layer, message", [
+    ("SimpleRNN(8, return_sequences=True)", "unsupported architecture Embedding → SimpleRNN → Dense"),
+    ("GRU(8, return_sequences=True, reset_after=False)", "reset_after=False"),
+    ("LSTM(8, return_sequences=True, activation='relu')", "activation='relu'"),
+])
+def test_unsupported_architecture(tmp_path, tiny_run, layer, message):
     import keras
 
-    lstm = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(10, 4),
-                             keras.layers.LSTM(8, return_sequences=True), keras.layers.Dense(10)])
-    lstm.save(tmp_path / "lstm.keras")
+    model = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(10, 4),
+                              eval(f"keras.layers.{layer}"), keras.layers.Dense(10)])
+    model.save(tmp_path / "model.keras")
     (tmp_path / "vocab.json").write_text(json.dumps([str(i) for i in range(10)]))
-    assert_one_line_error(_export_cli([tmp_path / "lstm.keras", tmp_path / "out"]),
-                           "unsupported architecture Embedding → LSTM → Dense")
+    (tmp_path / "text.txt").write_text("0123456789" * 20)
+    assert_one_line_error(_export_cli([tmp_path / "model.keras", tmp_path / "out",
+                                       "--validation-text", tmp_path / "text.txt"]), message)
 
 
 def test_bare_keras_model_needs_validation_text(tiny_bundle, tmp_path):

@@ -3,11 +3,12 @@
     model = charrnn_runtime.load("models/shakespeare", provider="auto")
     text = model.generate("ROMEO: ", length=200, temperature=0.8, seed=1)
 
-State is explicit (State: hidden + the logits for the next character, one row per stream): start
-from `initial_state`, `feed` text, `fork` it, save it, continue it later. Loops (feed, score,
-generation) run through a Stepper, whose onnxruntime IO binding is set up once: on CPU its buffers
-share memory with numpy arrays, so a step copies nothing; on CUDA the hidden state stays on the GPU
-between steps and only the logits cross to the host for sampling.
+State is explicit (State: the model's declared state tensors, e.g. one hidden state per GRU layer
+or hidden + cell per LSTM layer, and the logits for the next character; one row per stream):
+start from `initial_state`, `feed` text, `fork` it, save it, continue it later. Loops (feed,
+score, generation) run through a Stepper, whose onnxruntime IO binding is set up once: on CPU its
+buffers share memory with numpy arrays, so a step copies nothing; on CUDA the state stays on the
+GPU between steps and only the logits cross to the host for sampling.
 """
 
 import io
@@ -25,13 +26,14 @@ from .sampling import GumbelNoise, SamplingParams, sample
 
 
 class State:
-    """Hidden state [n, units] and next-character logits [n, vocab] of n streams (host arrays).
+    """The state tensors {name: [n, size]} and next-character logits [n, vocab] of n streams.
 
-    The initial state's logits are zeros, i.e. a uniform first character when there is no prime.
+    Names are the model's state inputs (`model.state_spec`). The initial state's logits are zeros,
+    i.e. a uniform first character when there is no prime.
     """
 
-    def __init__(self, hidden, logits):
-        self.hidden, self.logits = hidden, logits
+    def __init__(self, arrays, logits):
+        self.arrays, self.logits = dict(arrays), logits
 
     def __len__(self):
         return len(self.logits)
@@ -39,7 +41,7 @@ class State:
     def select(self, rows):
         """A new state of the given rows (repeat a row to fork it)."""
         rows = np.asarray(rows, dtype=np.int64)
-        return State(self.hidden[rows], self.logits[rows])
+        return State({name: array[rows] for name, array in self.arrays.items()}, self.logits[rows])
 
     def fork(self, n):
         """Each stream repeated n times: prime once, then fan out into n continuations."""
@@ -48,9 +50,19 @@ class State:
     def copy(self):
         return self.select(np.arange(len(self)))
 
+    @classmethod
+    def concat(cls, states):
+        """One state holding the streams of `states` in order (states of the same model)."""
+        states = list(states)
+        names = list(states[0].arrays)
+        if any(list(state.arrays) != names for state in states):
+            raise CharrnnError("cannot concatenate states of different models")
+        return cls({name: np.concatenate([state.arrays[name] for state in states]) for name in names},
+                   np.concatenate([state.logits for state in states]))
+
     def save(self, path):
         buffer = io.BytesIO()
-        np.savez(buffer, hidden=self.hidden, logits=self.logits)
+        np.savez(buffer, logits=self.logits, **self.arrays)
         with files.atomic_path(path) as tmp:
             tmp.write_bytes(buffer.getvalue())
 
@@ -58,37 +70,40 @@ class State:
     def load(cls, path):
         try:
             with np.load(path) as saved:
-                return cls(saved["hidden"].astype(np.float32), saved["logits"].astype(np.float32))
+                arrays = {name: saved[name].astype(np.float32) for name in saved.files if name != "logits"}
+                return cls(arrays, saved["logits"].astype(np.float32))
         except (OSError, ValueError, KeyError) as e:
             raise CharrnnError(f"not a saved charrnn state: {path} ({e})") from None
 
 
 class Stepper:
-    """Steps n streams in place: IO binding set up once, the hidden state ping-pongs between two buffers.
+    """Steps n streams in place: IO binding set up once, each state tensor ping-pongs between two buffers.
 
-    Two bindings (hidden A → B and B → A) are prepared up front, so a step is: write the chars,
+    Two bindings (state A → B and B → A) are prepared up front, so a step is: write the chars,
     run, flip. The char and logits buffers are host numpy arrays the OrtValues share memory with.
     """
 
     def __init__(self, model, state):
         model.check(state)
         device = "cuda" if model.provider == "cuda" else "cpu"
-        names = model.tensors
-        self.session = model.session
+        self.session, self.spec = model.session, model.state_spec
         self.chars = np.zeros(len(state), np.int32)
         self.logits = np.array(state.logits, dtype=np.float32, order="C")
-        self.hidden = [ort.OrtValue.ortvalue_from_numpy(np.array(state.hidden, np.float32, order="C"), device, 0),
-                       ort.OrtValue.ortvalue_from_shape_and_type(state.hidden.shape, np.float32, device, 0)]
+        self.buffers = {t.input: [
+            ort.OrtValue.ortvalue_from_numpy(np.array(state.arrays[t.input], np.float32, order="C"), device, 0),
+            ort.OrtValue.ortvalue_from_shape_and_type(state.arrays[t.input].shape, np.float32, device, 0)]
+            for t in self.spec}
         chars, logits = ort.OrtValue.ortvalue_from_numpy(self.chars), ort.OrtValue.ortvalue_from_numpy(self.logits)
         self.bindings = []
         for source, target in ((0, 1), (1, 0)):
             binding = self.session.io_binding()
-            binding.bind_ortvalue_input(names["char"], chars)
-            binding.bind_ortvalue_input(names["hidden"], self.hidden[source])
-            binding.bind_ortvalue_output(names["logits"], logits)
-            binding.bind_ortvalue_output(names["next_hidden"], self.hidden[target])
+            binding.bind_ortvalue_input(model.tensors["char"], chars)
+            binding.bind_ortvalue_output(model.tensors["logits"], logits)
+            for t in self.spec:
+                binding.bind_ortvalue_input(t.input, self.buffers[t.input][source])
+                binding.bind_ortvalue_output(t.output, self.buffers[t.input][target])
             self.bindings.append(binding)
-        self.current = 0  # which hidden buffer holds the state
+        self.current = 0  # which buffer of each pair holds the state
 
     def step(self, chars):
         """Advance every stream by one character; self.logits then holds the next-character logits."""
@@ -98,7 +113,8 @@ class Stepper:
 
     def state(self):
         """A snapshot of the current state (copies: OrtValue.numpy() is a view of the bound buffer)."""
-        return State(self.hidden[self.current].numpy().copy(), self.logits.copy())
+        return State({name: pair[self.current].numpy().copy() for name, pair in self.buffers.items()},
+                     self.logits.copy())
 
 
 class Model:
@@ -110,10 +126,10 @@ class Model:
         self.facts = bundle.read_facts(self.session, onnx_path)
         self.variant = self.facts.get("variant", variant)
         self.vocab = self.facts["vocab"]
-        self.units = int(self.facts["units"])
         self.index = {ch: i for i, ch in enumerate(self.vocab)}
         self.tensors = self.facts["tensors"]
-        self._outputs = [self.tensors["logits"], self.tensors["next_hidden"]]
+        self.state_spec = bundle.state_spec(self.facts)
+        self._outputs = [self.tensors["logits"], *(t.output for t in self.state_spec)]
 
     # -- the network -------------------------------------------------------------------------------
 
@@ -126,23 +142,26 @@ class Model:
         return np.fromiter((self.index[ch] for ch in text), dtype=np.int32, count=len(text))
 
     def initial_state(self, n=1):
-        return State(np.zeros((n, self.units), np.float32), np.zeros((n, len(self.vocab)), np.float32))
+        return State({t.input: np.zeros((n, t.size), np.float32) for t in self.state_spec},
+                     np.zeros((n, len(self.vocab)), np.float32))
 
     def check(self, state):
         """A clear error for a state from another model (e.g. a saved state loaded for the wrong one)."""
         n = len(state)
-        if state.hidden.shape != (n, self.units) or state.logits.shape != (n, len(self.vocab)):
-            raise CharrnnError(f"state does not fit this model: hidden {state.hidden.shape}, logits "
-                               f"{state.logits.shape}; the model needs ({n}, {self.units}) and "
-                               f"({n}, {len(self.vocab)})")
+        needed = {"logits": (n, len(self.vocab)), **{t.input: (n, t.size) for t in self.state_spec}}
+        given = {"logits": state.logits.shape, **{name: a.shape for name, a in state.arrays.items()}}
+        if given != needed:
+            def shapes(d):
+                return ", ".join(f"{name} {shape}" for name, shape in d.items())
+            raise CharrnnError(f"state does not fit this model: it has {shapes(given)}; "
+                               f"the model needs {shapes(needed)}")
 
     def step(self, state, chars):
         """Advance every stream by one character (ids [n]); returns the new state."""
         self.check(state)
         chars = np.asarray(chars, dtype=np.int32).reshape(len(state))
-        logits, hidden = self.session.run(self._outputs, {self.tensors["char"]: chars,
-                                                          self.tensors["hidden"]: state.hidden})
-        return State(hidden, logits)
+        logits, *arrays = self.session.run(self._outputs, {self.tensors["char"]: chars, **state.arrays})
+        return State({t.input: a for t, a in zip(self.state_spec, arrays, strict=True)}, logits)
 
     def feed(self, state, text):
         """Run `text` through every stream of `state` (teacher-forced); returns the new state."""

@@ -4,8 +4,10 @@ A run directory holds
     config.json       what was trained (with the corpus' sha256)
     vocab.json        the characters, index = token id
     history.json      one record per completed epoch; the commit record of the run
-    checkpoints/      epoch-NNNN.keras: weights + optimizer state of the last completed epoch
-    model.keras       the final model (no optimizer state), written when the last epoch completes
+    checkpoints/      epoch-NNNN.keras: weights + optimizer state of the last completed epoch;
+                      with validation, best-NNNN.keras: the model of the best validation epoch so far
+    model.keras       the final model (no optimizer state), written when training ends: the best
+                      validation epoch's model when there is a validation split, else the last epoch's
     loss.png          loss curve
 Every file is written atomically, and a checkpoint counts only once history.json names its epoch,
 so `kill -9` at any moment loses at most the epoch in progress.
@@ -14,18 +16,20 @@ so `kill -9` at any moment loses at most the epoch in progress.
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from charrnn_runtime import files
 from charrnn_runtime.errors import CharrnnError
 
 from . import data
-from .model import build_model, compile_model
+from .model import CELLS, build_model, compile_model, learning_rate
 
 LN2 = math.log(2)
 
@@ -44,15 +48,40 @@ class Config:
     learning_rate: float = 0.001
     seed: int = 42
     validation_fraction: float = 0.0
+    layers: int = 1
+    cell: str = "gru"
+    dropout: float = 0.0
+    early_stopping: int = 0  # patience in epochs; 0 = off
+    lr_schedule: str = "constant"
+    min_learning_rate: float = 0.0  # where the cosine schedule ends
+    clip_norm: float | None = None  # global gradient-norm clipping
 
     def check(self):
-        for name in ("epochs", "batch_size", "seq_length", "buffer_size", "embedding_dim", "units"):
+        for name in ("epochs", "batch_size", "seq_length", "buffer_size", "embedding_dim", "units", "layers"):
             if getattr(self, name) < 1:
                 raise CharrnnError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise CharrnnError(f"learning-rate must be positive (a finite number), got {self.learning_rate}")
         if not 0 <= self.validation_fraction < 1:
             raise CharrnnError(f"validation-fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.cell not in CELLS:
+            raise CharrnnError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        if not 0 <= self.dropout < 1:
+            raise CharrnnError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.early_stopping < 0:
+            raise CharrnnError(f"early-stopping patience must be >= 0, got {self.early_stopping}")
+        if self.early_stopping and not self.validation_fraction:
+            raise CharrnnError("early-stopping needs a validation split: set --validation-fraction")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise CharrnnError(f"lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.lr_schedule == "cosine" and not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise CharrnnError(f"min-learning-rate must be in [0, learning-rate], got {self.min_learning_rate}")
+        if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise CharrnnError(f"clip-norm must be a positive number, got {self.clip_norm}")
+
+    def build(self, vocab_size):
+        """The untrained network of this config (no optimizer)."""
+        return build_model(vocab_size, self.embedding_dim, self.units, self.layers, self.cell, self.dropout)
 
 
 class Run:
@@ -83,6 +112,25 @@ class Run:
 
     def checkpoint(self, epoch):
         return self.checkpoints / f"epoch-{epoch:04d}.keras"
+
+    def best_checkpoint(self, epoch):
+        return self.checkpoints / f"best-{epoch:04d}.keras"
+
+    @property
+    def best_epoch(self):
+        """The completed epoch with the lowest validation loss (None without validation)."""
+        scored = [r for r in self.history if "val_loss" in r]
+        return min(scored, key=lambda r: r["val_loss"])["epoch"] if scored else None
+
+    @property
+    def stopped_early(self):
+        patience = self.config.early_stopping
+        return bool(patience and self.history and self.history[-1]["epoch"] - self.best_epoch >= patience)
+
+    @property
+    def finished(self):
+        """Training is over: every epoch ran, or validation stopped improving for `patience` epochs."""
+        return len(self.history) >= self.config.epochs or self.stopped_early
 
 
 class Progress(keras.callbacks.Callback):
@@ -177,13 +225,18 @@ def train(run, log=print, callbacks=()):
         log(f"resuming {run.path} after epoch {done}/{config.epochs}")
     else:
         keras.utils.set_random_seed(config.seed)
-        model = compile_model(build_model(len(run.vocab), config.embedding_dim, config.units),
-                              config.learning_rate)
+        model = compile_model(config.build(len(run.vocab)),
+                              learning_rate(config, train_set.steps_per_epoch), config.clip_norm)
         log(f"training {run.path}: {model.count_params():,} parameters, "
             f"{train_set.steps_per_epoch} steps/epoch, {config.epochs} epochs")
 
+    trained = False
     for epoch in range(done + 1, config.epochs + 1):
+        if run.stopped_early:
+            break
+        trained = True
         inputs, targets = train_set.epoch(epoch)
+        seed_dropout(model, config.seed, epoch)
         started = time.perf_counter()
         fit = model.fit(inputs, targets, batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
                         callbacks=[Progress(epoch, config.epochs, train_set.steps_per_epoch), *callbacks])
@@ -192,30 +245,56 @@ def train(run, log=print, callbacks=()):
         if validation is not None:
             record["val_loss"] = float(model.evaluate(*validation, batch_size=config.batch_size, verbose=0))
             record["val_bits_per_char"] = record["val_loss"] / LN2
+        record["learning_rate"] = float(model.optimizer.learning_rate)
         record["seconds"] = time.perf_counter() - started
 
         with files.atomic_path(run.checkpoint(epoch)) as tmp:
             model.save(tmp)
+        if validation is not None and all(record["val_loss"] < r["val_loss"] for r in run.history):
+            save_inference_model(config, run.vocab, model, run.best_checkpoint(epoch))
         run.history.append(record)
         files.write_json(run.history_file, run.history)  # the epoch now counts
-        for old in run.checkpoints.glob("epoch-*.keras"):
-            if old != run.checkpoint(epoch):
+        keep = {run.checkpoint(epoch), run.best_checkpoint(run.best_epoch or 0)}
+        for old in run.checkpoints.glob("*.keras"):
+            if old not in keep:
                 old.unlink()
-        log(summary(record))
+        log(summary(record, best=run.best_epoch == epoch))
 
-    if done < config.epochs or not run.model_file.exists():
-        final = build_model(len(run.vocab), config.embedding_dim, config.units)
-        final.set_weights(model.get_weights())
-        with files.atomic_path(run.model_file) as tmp:
-            final.save(tmp)
+    if trained or not run.model_file.exists():
+        if run.best_epoch is not None:
+            with files.atomic_path(run.model_file) as tmp:
+                shutil.copyfile(run.best_checkpoint(run.best_epoch), tmp)
+            log(f"model.keras: epoch {run.best_epoch}, the best validation loss "
+                f"({run.history[run.best_epoch - 1]['val_loss']:.4f})"
+                + (f"; stopped early after {config.early_stopping} epochs without improvement"
+                   if run.stopped_early else ""))
+        else:
+            save_inference_model(config, run.vocab, model, run.model_file)
         plot_history(run.history, run.plot_file)
     return run.history
 
 
-def summary(record):
+def seed_dropout(model, seed, epoch):
+    """Dropout masks drawn from (seed, layer, epoch), like the shuffle, so a resumed run draws the same."""
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, keras.layers.Dropout):
+            state = layer.seed_generator.state
+            state.assign(np.array([seed + i, epoch << 20], dtype=state.dtype))
+
+
+def save_inference_model(config, vocab, model, path):
+    """The network with `model`'s weights and no optimizer state (what export and users load)."""
+    final = config.build(len(vocab))
+    final.set_weights(model.get_weights())
+    with files.atomic_path(path) as tmp:
+        final.save(tmp)
+
+
+def summary(record, best=False):
     line = f"epoch {record['epoch']}: loss {record['loss']:.4f} ({record['bits_per_char']:.3f} bits/char)"
     if "val_loss" in record:
         line += f", val loss {record['val_loss']:.4f} ({record['val_bits_per_char']:.3f} bits/char)"
+        line += " (best)" if best else ""
     return line + f", {record['seconds']:.1f} s"
 
 
