@@ -1,0 +1,270 @@
+"""The OpenAI-compatible completions API over one Engine (vLLM / llama.cpp server / TGI convention).
+
+    app = create_app(Engine(charrnn_runtime.load()))     # then uvicorn, or Ray Serve (ray_app.py)
+
+Routes: POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus text).
+Tokens are characters: `max_tokens` counts characters, and so does `usage`. Every error is
+OpenAI's JSON error object naming the field (`param`): 400 for a bad request, 404 for an unknown
+model, 503 with Retry-After while the engine is full or draining. The app owns the engine: it
+drains and closes it at shutdown.
+"""
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
+
+from charrnn_runtime.engine import EngineBusy
+from charrnn_runtime.errors import CharrnnError
+
+DEFAULT_MAX_TOKENS = 256  # characters; OpenAI's 16 would be a few words
+MAX_CHOICES = 64
+# The field an engine validation message is about, by the message's start.
+ENGINE_PARAMS = {"characters not in": "prompt", "temperature": "temperature", "top-p": "top_p",
+                 "top-k": "top_k", "max_chars": "max_tokens", "stop": "stop", "seed": "seed"}
+
+
+class CompletionRequest(BaseModel):
+    """The fields charrnn uses; others OpenAI clients send (user, logit_bias, ...) are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")  # strict: "1" is not a number, true not an int
+
+    model: str | None = None
+    prompt: str | list[str] = ""
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stop: str | list[str] | None = Field(None, max_length=4)
+    seed: int | None = None
+    stream: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_means_default(cls, data):
+        """OpenAI's API allows null for every optional field."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+def error(status, message, param=None, kind="invalid_request_error", headers=None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status, headers=headers)
+
+
+def engine_error(e):
+    if isinstance(e, EngineBusy):
+        return error(503, str(e), kind="server_busy", headers={"Retry-After": "1"})
+    message = str(e)
+    param = next((p for start, p in ENGINE_PARAMS.items() if message.startswith(start)), None)
+    return error(400, message, param)
+
+
+def validation_error(exc):
+    """FastAPI's 422 as a 400 naming the first bad field."""
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":
+        return error(400, f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    loc = [part for part in first["loc"][1:] if isinstance(part, str)]
+    if not loc:
+        return error(400, "the request body must be a JSON object")
+    return error(400, f"{loc[0]}: {first['msg']}", loc[0])
+
+
+async def cancel_on_disconnect(request, awaitable):
+    """Await `awaitable`, cancelling it if the client goes away first (its engine rows are freed)."""
+    work = asyncio.ensure_future(awaitable)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_all([watcher, work])
+    if not work.done() or work.cancelled():
+        raise HTTPException(499, "client disconnected")  # nobody reads it
+    return work.result()
+
+
+async def gather_all_or_none(awaitables):
+    """asyncio.gather that cancels the rest (freeing their rows) when one fails."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        await cancel_all(tasks)
+
+
+async def cancel_all(tasks):
+    """Cancel the unfinished tasks and wait until they are done (their errors retrieved)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def finish_reason(text, max_tokens, stops):
+    """What ended a streamed choice (engine.stream yields text only); the Engine's order of checks."""
+    if len(text) >= max_tokens:
+        return "length"
+    return "stop" if any(text.endswith(s) for s in stops) else "cancelled"
+
+
+def sse(obj):
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine, replica=None, drain_seconds=30.0):
+    """The FastAPI app serving `engine` under the model name of its bundle directory.
+
+    `replica` (Ray Serve's replica id) is sent as the X-Replica header and in /health."""
+    model = engine.model
+    name = model.path.name if model.path.is_dir() else model.path.stem
+    started = int(time.time())
+
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(engine.drain, drain_seconds)
+        engine.close()
+
+    app = FastAPI(title="charrnn", lifespan=lifespan)
+    app.exception_handler(RequestValidationError)(lambda request, exc: validation_error(exc))
+    app.exception_handler(HTTPException)(lambda request, exc: error(exc.status_code, str(exc.detail)))
+    app.exception_handler(CharrnnError)(lambda request, exc: engine_error(exc))
+    app.exception_handler(Exception)(lambda request, exc: error(500, f"internal error: {exc!r}", kind="server_error"))
+
+    if replica is not None:
+        @app.middleware("http")
+        async def replica_header(request, call_next):
+            response = await call_next(request)
+            response.headers["X-Replica"] = replica
+            return response
+
+    @app.get("/health")
+    async def health():
+        metrics = engine.metrics()
+        body = {"status": "ok", "model": name, "replica": replica, "active_rows": metrics["active_rows"],
+                "waiting_requests": metrics["waiting_requests"]}
+        return JSONResponse(body)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "charrnn",
+                                            "variant": model.variant, "provider": model.provider,
+                                            "sha256": model.sha256, "max_model_len": engine.max_chars}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus(engine.metrics()), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if body.model is not None and body.model != name:
+            return error(404, f"model {body.model!r} not found: this server serves {name!r}", "model")
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                return error(400, f"prompt: one prompt per request, got a list of {len(prompt)}", "prompt")
+            prompt = prompt[0]
+        if len(prompt) > engine.max_chars:
+            return error(400, f"prompt is longer than {engine.max_chars} characters", "prompt")
+        seed = secrets.randbits(31) if body.seed is None else body.seed
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        options = dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, stop=stops)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": name}
+        if body.stream:
+            streams = [engine.stream(prompt, body.max_tokens, seed=seed + i, **options) for i in range(body.n)]
+            return StreamingResponse(await stream_events(head, streams, body.max_tokens, stops),
+                                     media_type="text/event-stream")
+        done = await cancel_on_disconnect(request, gather_all_or_none(
+            engine.generate(prompt, body.max_tokens, seed=seed + i, **options) for i in range(body.n)))
+        generated = sum(c.generated_chars for c in done)
+        return {**head, "seed": seed,
+                "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+                            for i, c in enumerate(done)],
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated,
+                          "total_tokens": len(prompt) + generated}}
+
+    return app
+
+
+async def stream_events(head, streams, max_tokens, stops):
+    """Server-sent events merging the choices' streams; the requests are submitted (and validated,
+    raising a CharrnnError before any byte is sent) by the time this returns.
+
+    Each event carries what a choice's row produced since its last event (the engine coalesces
+    characters), a final event per choice its finish_reason, and the stream ends with [DONE]."""
+    queue = asyncio.Queue()
+
+    async def pump(index, stream):
+        text = ""
+        try:
+            async for chunk in stream:
+                text += chunk
+                queue.put_nowait((index, chunk, None))
+            queue.put_nowait((index, "", finish_reason(text, max_tokens, stops)))
+        except Exception as e:  # noqa: BLE001 - handed to the response, or raised below before it starts
+            queue.put_nowait((index, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    await asyncio.sleep(0)  # each pump runs to its first wait: its request is submitted or refused
+    if any(task.done() for task in tasks):  # refused (nothing else finishes without waiting)
+        await cancel_all(tasks)
+        raise queue.get_nowait()[2]
+
+    async def events():
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, chunk, end = await queue.get()
+                if chunk is None:
+                    yield sse({"error": {"message": str(end), "type": "server_error", "param": None, "code": None}})
+                    return
+                remaining -= end is not None
+                yield sse({**head, "choices": [{"text": chunk, "index": index, "logprobs": None,
+                                                "finish_reason": end}]})
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:
+                task.cancel()  # the client left (or all is sent): free the rows
+
+    return events()
+
+
+PROMETHEUS = [  # (name, type, help, engine metric)
+    ("charrnn_requests_total", "counter", "Finished requests by finish reason.", "requests_total"),
+    ("charrnn_requests_rejected_total", "counter", "Requests refused (queue full or draining).",
+     "requests_rejected_total"),
+    ("charrnn_prompt_chars_total", "counter", "Prompt characters fed.", "prompt_chars_total"),
+    ("charrnn_generated_chars_total", "counter", "Characters generated.", "generated_chars_total"),
+    ("charrnn_active_rows", "gauge", "Requests in the batch now.", "active_rows"),
+    ("charrnn_waiting_requests", "gauge", "Requests waiting for a row.", "waiting_requests"),
+    ("charrnn_max_batch", "gauge", "Rows the batch can hold.", "max_batch"),
+    ("charrnn_step_seconds", "summary", "Time per batched step.", "step_seconds_sum"),
+    ("charrnn_batch_rows", "summary", "Rows per batched step (the batch size).", "batch_rows_sum"),
+]
+
+
+def prometheus(metrics):
+    """The engine's metrics in Prometheus' text format (summaries count steps)."""
+    lines = []
+    for name, kind, help, key in PROMETHEUS:
+        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+        value = metrics[key]
+        if kind == "summary":
+            lines += [f"{name}_sum {value}", f"{name}_count {metrics['steps_total']}"]
+        elif isinstance(value, dict):
+            lines += [f'{name}{{finish_reason="{reason}"}} {count}' for reason, count in sorted(value.items())]
+        else:
+            lines.append(f"{name} {value}")
+    return "\n".join(lines) + "\n"
