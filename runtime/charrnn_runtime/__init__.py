@@ -11,7 +11,8 @@ do not need onnxruntime.
 import importlib
 
 _API = {"load": "model", "Model": "model", "State": "model", "Generator": "model",
-        "SamplingParams": "sampling", "CharrnnError": "errors", "DEFAULT_MODEL": "bundle"}
+        "SamplingParams": "sampling", "CharrnnError": "errors", "DEFAULT_MODEL": "bundle",
+        "Engine": "engine", "EngineBusy": "engine", "Completion": "engine"}
 __all__ = list(_API)
 
 
