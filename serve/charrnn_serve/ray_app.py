@@ -1,0 +1,56 @@
+"""The same FastAPI app as a Ray Serve deployment: N replicas, each one Engine with its own batch.
+
+    serve.run(deployment(replicas=2), route_prefix="/")
+
+Ray's proxy spreads requests over the replicas. Its default of 5 requests at once per replica
+would cap each engine's batch at 5, so max_ongoing_requests is raised to twice the batch: a full
+batch stepping and as many requests ready to take a row the moment one frees.
+"""
+
+import signal
+import threading
+from pathlib import Path
+
+from ray import serve
+
+from charrnn_runtime import bundle, load
+from charrnn_runtime.engine import Engine
+
+from .app import create_app
+
+NAME = "charrnn"
+
+
+def deployment(model=None, variant="fp32", provider="auto", max_batch=64, drain_seconds=30.0, replicas=1):
+    """The bound Ray Serve application (pass it to serve.run)."""
+    model = str(Path(model).resolve()) if model else None  # replicas may run elsewhere: an absolute path
+
+    def build_app():  # runs in each replica's process
+        replica = serve.get_replica_context().replica_id.to_full_id_str()  # its actor name
+        return create_app(Engine(load(model, provider, variant), max_batch=max_batch), replica, drain_seconds)
+
+    ingress = serve.deployment(
+        serve.ingress(build_app)(), name=NAME, num_replicas=replicas, max_ongoing_requests=2 * max_batch,
+        graceful_shutdown_timeout_s=drain_seconds,
+        ray_actor_options={"num_gpus": 1} if provider == "cuda" else {})
+    return ingress.bind()
+
+
+def run(model, host, port, variant, provider, max_batch, drain_seconds, address, replicas):
+    """charrnn-serve --ray: deploy, print where, serve until SIGTERM/SIGINT, then shut Serve down."""
+    import ray
+
+    bundle.locate(model or bundle.DEFAULT_MODEL, variant)  # a missing model fails here, not in every replica
+    ray.init(address=address)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(model, variant, provider, max_batch, drain_seconds, replicas), name=NAME,
+                  route_prefix="/")
+        print(f"charrnn-serve: {replicas} replica(s) on Ray at http://{host}:{port}/v1", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s) and close their engines
+    finally:
+        ray.shutdown()
