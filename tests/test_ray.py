@@ -1,0 +1,68 @@
+"""charrnn on Ray Serve: a local Ray, 2 replicas on loopback, one killed and replaced."""
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="needs the [ray] extra")
+import httpx  # noqa: E402
+from conftest import HAS_TF, SHIPPED  # noqa: E402
+from ray import serve  # noqa: E402
+
+from charrnn_serve.ray_app import NAME, deployment  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def url(request, tmp_path_factory):
+    """serve.run of the charrnn deployment with 2 replicas; Ray shut down afterwards."""
+    model = request.getfixturevalue("tiny_bundle") if HAS_TF else SHIPPED
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployment(model, replicas=2, max_batch=16), name=NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def replicas_answering(url, requests=32):
+    """The replica ids (X-Replica) that answered `requests` concurrent completions, all of which succeed."""
+    async def all_at_once():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 200,
+                                                                               "seed": i}) for i in range(requests)))
+    responses = asyncio.run(all_at_once())
+    assert [r.status_code for r in responses] == [200] * requests
+    assert all(len(r.json()["choices"][0]["text"]) == 200 for r in responses)
+    return {r.headers["x-replica"] for r in responses}
+
+
+def test_two_replicas_answer_and_a_killed_one_is_replaced(url):
+    seen = set()
+    for _ in range(5):
+        seen |= replicas_answering(url)
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2
+    victim = sorted(seen)[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 120
+    while True:  # Ray notices the dead replica and starts another; requests meanwhile may go to either
+        try:
+            now = replicas_answering(url, 8)
+        except (AssertionError, httpx.HTTPError):
+            now = set()
+        if len(now | seen) > 2 and victim not in now:
+            break
+        assert time.monotonic() < deadline, f"no replacement for {victim}: {now}"
+        time.sleep(1)
+    assert len(replicas_answering(url)) >= 1
