@@ -14,6 +14,8 @@ from ray import serve  # noqa: E402
 
 from charrnn_serve.ray_app import NAME, deployment  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic use
+
 
 @pytest.fixture(scope="module")
 def url(request, tmp_path_factory):
