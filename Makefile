@@ -37,5 +37,18 @@ shipped-model: $(VENV)/.dev
 	$(BIN)/charrnn-export runs/shakespeare models/shakespeare --force --validation-text train/data/sonnets.txt
 	$(BIN)/charrnn-run --model models/shakespeare --seed 1 > models/shakespeare/sample.txt
 
+.PHONY: serve bench-serve
+
+# the server: runtime + FastAPI/uvicorn
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[cpu,serve]'
+	touch $@
+
+serve: $(VENV)/.serve  ## charrnn-serve: OpenAI-compatible completions at http://127.0.0.1:8000/v1
+	$(BIN)/charrnn-serve $(ARGS)
+
+bench-serve: $(VENV)/.dev  ## charrnn-serve under 1-256 concurrent clients vs the in-process runtime (~5 min)
+	$(BIN)/python benchmarks/serve_benchmark.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info runtime/*.egg-info .pytest_cache .hypothesis

@@ -31,5 +31,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app, engine, listening, drain_seconds):
     """Serve `app` on the listening socket until a signal has drained `engine`."""
-    config = uvicorn.Config(app, timeout_graceful_shutdown=drain_seconds, access_log=False, log_level="warning")
+    # Idle keep-alive connections live longer here (30 s) than in common clients (httpx, hence openai: 5 s),
+    # so a client never sends a request on a connection the server is closing at that moment.
+    config = uvicorn.Config(app, timeout_graceful_shutdown=drain_seconds, timeout_keep_alive=30, access_log=False,
+                            log_level="warning")
     DrainingServer(config, engine, drain_seconds).run(sockets=[listening])

@@ -1,0 +1,156 @@
+"""Load on charrnn-serve over loopback against the in-process runtime, in one run on one machine.
+
+    python benchmarks/serve_benchmark.py [--variant int8] [--clients 1,16,64,256] [--json benchmarks/serve_results.json]
+
+Starts `charrnn-serve` (a subprocess, --max-batch = the most clients), then for each client count
+runs that many concurrent clients, each sending completions one after another, streaming and not,
+until --requests-per-client each or --seconds per level (bounded). Reports aggregate characters/s,
+time to first character (for a non-streaming request: until its whole response), errors, and the
+ratio to the in-process figure at the same batch size: `model.generate` for one client,
+`model.generate_batch(num_samples=clients)` otherwise, measured in this process first.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+import charrnn_runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIMES = ["ROMEO: ", "JULIET:\n", "First Citizen:\n", "KING RICHARD III:\nNow is the ", ""]
+
+
+def in_process(model, clients, chars):
+    """Characters/s of the runtime itself: one stream for 1 client, generate_batch for more (median of 3)."""
+    def once():
+        started = time.perf_counter()
+        if clients == 1:
+            model.generate(PRIMES[0], chars, seed=1)
+        else:
+            model.generate_batch(PRIMES[0], chars, num_samples=clients, seed=1)
+        return clients * chars / (time.perf_counter() - started)
+    once()
+    return statistics.median(once() for _ in range(3))
+
+
+async def load(url, clients, stream, chars, requests_per_client, seconds):
+    """Aggregate chars/s, time-to-first-character list, error count and requests of one load level."""
+    deadline = time.perf_counter() + seconds
+    ttfc, generated, errors = [], [0], [0]
+
+    async def client(http, c):
+        for i in range(requests_per_client):
+            if time.perf_counter() > deadline:
+                return
+            body = {"prompt": PRIMES[(c + i) % len(PRIMES)], "max_tokens": chars, "seed": c * 1000 + i,
+                    "stream": stream}
+            started = time.perf_counter()
+            try:
+                if stream:
+                    first, text = None, 0
+                    async with http.stream("POST", "/v1/completions", json=body) as response:
+                        response.raise_for_status()
+                        async for line in response.aiter_lines():
+                            if line.startswith("data: {"):
+                                piece = json.loads(line[6:])["choices"][0]["text"]
+                                if piece and first is None:
+                                    first = time.perf_counter() - started
+                                text += len(piece)
+                else:
+                    response = await http.post("/v1/completions", json=body)
+                    response.raise_for_status()
+                    first, text = time.perf_counter() - started, len(response.json()["choices"][0]["text"])
+                if text != chars:
+                    raise ValueError(f"{text} chars, asked for {chars}")
+                ttfc.append(first)
+                generated[0] += text
+            except (httpx.HTTPError, ValueError) as e:
+                errors[0] += 1
+                print(f"  error: {e!r}", file=sys.stderr)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http, c) for c in range(clients)))
+        wall = time.perf_counter() - started
+    return generated[0] / wall, ttfc, errors[0]
+
+
+def percentile(values, q):
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
+
+
+def start_server(variant, max_batch, log):
+    """charrnn-serve on a free loopback port, its stderr to `log`; (process, base url) once it answers."""
+    server = subprocess.Popen([sys.executable, "-m", "charrnn_serve", "--variant", variant, "--port", "0",
+                               "--max-batch", str(max_batch)], stderr=log)
+    for _ in range(600):
+        found = re.search(r"http://\S+:\d+", Path(log.name).read_text())
+        try:
+            if found and httpx.get(f"{found.group(0)}/health").status_code == 200:
+                return server, found.group(0)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"charrnn-serve did not come up: {Path(log.name).read_text()}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="int8", choices=["fp32", "int8"])
+    parser.add_argument("--clients", default="1,16,64,256")
+    parser.add_argument("--chars", type=int, default=256, help="max_tokens of every request")
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=30, help="per level: no new requests after this")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "serve_results.json"))
+    args = parser.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+
+    model = charrnn_runtime.load(variant=args.variant, provider="cpu")
+    baseline = {clients: in_process(model, clients, args.chars) for clients in levels}
+    log = tempfile.NamedTemporaryFile("w", prefix="charrnn-serve-", suffix=".log", delete=False)
+    server, url = start_server(args.variant, max(levels), log)
+    rows = []
+    try:
+        for clients in levels:
+            for stream in (False, True):
+                rate, ttfc, errors = asyncio.run(load(url, clients, stream, args.chars,
+                                                      max(args.requests_per_client, 20 // clients), args.seconds))
+                rows.append({"clients": clients, "stream": stream, "chars_per_second": rate,
+                             "in_process_chars_per_second": baseline[clients], "ratio": rate / baseline[clients],
+                             "ttfc_p50_ms": percentile(ttfc, 0.5), "ttfc_p99_ms": percentile(ttfc, 0.99),
+                             "requests": len(ttfc), "errors": errors})
+                print(f"{clients} clients, streaming {stream}: {rate:,.0f} chars/s ({rate / baseline[clients]:.0%}), "
+                      f"{errors} errors", file=sys.stderr)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        print(f"server log: {log.name}", file=sys.stderr)
+    print_table(rows)
+    with open(args.json, "w") as f:
+        json.dump({"variant": args.variant, "chars_per_request": args.chars, "machine": platform.platform(),
+                   "cpus": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows}, f, indent=2)
+
+
+def print_table(rows):
+    print("| clients | streaming | chars/s | in-process chars/s | ratio | TTFC p50 ms | TTFC p99 ms | requests | errors |")
+    print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['clients']} | {'yes' if r['stream'] else 'no'} | {r['chars_per_second']:,.0f} | "
+              f"{r['in_process_chars_per_second']:,.0f} | {r['ratio']:.0%} | {r['ttfc_p50_ms']:.1f} | "
+              f"{r['ttfc_p99_ms']:.1f} | {r['requests']} | {r['errors']} |")
+
+
+if __name__ == "__main__":
+    main()
