@@ -151,6 +151,37 @@ def test_cli_exports_with_default_output(tiny_run, tmp_path):
     assert _export_cli([run, "--force"]).exit_code == 0
 
 
+def test_runtime_only_bundle_leaves_out_the_savedmodel_and_keras_model(tiny_run, tmp_path):
+    import charrnn_runtime
+
+    result = _export_cli([tiny_run.path, tmp_path / "bundle", "--runtime-only"])
+    assert result.exit_code == 0, result.output
+    assert "saved_model  max |Δlogit|" in result.output  # still validated
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["model.int8.onnx", "model.onnx", "training/config.json",
+                                         "training/history.json", "training/loss.png", "training/vocab.json"]
+    assert sorted(str(p.relative_to(tmp_path / "bundle")) for p in (tmp_path / "bundle").rglob("*")
+                  if p.is_file()) == sorted([*manifest["files"], "manifest.json"])
+    assert charrnn_runtime.load(tmp_path / "bundle").generate("", 10, seed=1)
+
+
+def test_stacked_lstm_exports_every_layers_state(tiny_stacked_lstm_bundle):
+    import onnx
+
+    manifest = json.loads((tiny_stacked_lstm_bundle / "manifest.json").read_text())
+    assert manifest["network"]["layers"] == [{"cell": "lstm", "units": 32}] * 2
+    assert [(t["input"], t["output"], t["layer"], t["role"]) for t in manifest["state"]] == [
+        ("hidden_0", "next_hidden_0", 0, "hidden"), ("cell_0", "next_cell_0", 0, "cell"),
+        ("hidden_1", "next_hidden_1", 1, "hidden"), ("cell_1", "next_cell_1", 1, "cell")]
+    for fmt in ("saved_model", "onnx", "onnx-reference"):
+        assert manifest["validation"][fmt]["max_abs_logit_diff"] <= 1e-4
+    assert "cost_bits_per_char" in manifest["validation"]["int8"]
+    model = onnx.load(str(tiny_stacked_lstm_bundle / "model.int8.onnx"))
+    facts = json.loads({p.key: p.value for p in model.metadata_props}["charrnn"])
+    assert facts["state"] == manifest["state"] and facts["variant"] == "int8"
+    assert [i.name for i in model.graph.input] == ["char", "hidden_0", "cell_0", "hidden_1", "cell_1"]
+
+
 def test_bad_sources(tmp_path, tiny_run):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "empty").mkdir()

@@ -218,6 +218,16 @@ def test_score_matches_stepping_by_hand(model, prime):
     assert result["bits_per_char"] == pytest.approx(result["loss"] / math.log(2))
 
 
+def test_windowed_score_is_the_mean_over_windows_scored_from_the_start(model, prime):
+    text = prime + model.generate(prime, 100, seed=4)
+    windows = [text[i * 20: i * 20 + 21] for i in range((len(text) - 1) // 20)]
+    expected = np.mean([model.score(w)["loss"] for w in windows])
+    result = model.score(text, window=20)
+    assert result["chars"] == 20 * len(windows) and result["loss"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(CharrnnError, match="window 500 needs at least 501"):
+        model.score(text, window=500)
+
+
 def test_unknown_characters_are_named_with_positions(model):
     with pytest.raises(CharrnnError, match=r"'€' at 2.*'\\t' at 4"):
         model.encode("ab€c\t")

@@ -26,7 +26,10 @@ EPILOG = ("Every export is validated: held-out text is teacher-forced through th
               help="UTF-8 text to validate on.  [default: the run's held-out split, else its corpus' tail]")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max abs difference allowed for every logit and for bits/char.")
-def main(source, out, force, vocab_file, validation_text, tolerance):
+@click.option("--runtime-only", is_flag=True,
+              help="Leave the SavedModel and the Keras model out of OUT (both are still validated): "
+                   "the ONNX variants, manifest and training history only, for shipping.")
+def main(source, out, force, vocab_file, validation_text, tolerance, runtime_only):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a GPU-traced GRU emits CudnnRNN ops tf2onnx cannot convert
     try:
@@ -36,5 +39,5 @@ def main(source, out, force, vocab_file, validation_text, tolerance):
     with cli_errors():
         out = out or (Path(source) / "bundle" if Path(source).is_dir() else Path(source).with_suffix(".bundle"))
         export(Source(source, vocab_file), out, force=force, validation_text=validation_text,
-               tolerance=tolerance, log=lambda line: click.echo(line, err=True))
+               tolerance=tolerance, runtime_only=runtime_only, log=lambda line: click.echo(line, err=True))
     click.echo(str(out))

@@ -182,8 +182,13 @@ def set_metadata(proto, facts):
     entry.key, entry.value = METADATA_KEY, json.dumps(facts, ensure_ascii=False)
 
 
-def export(source, out, force=False, validation_text=None, tolerance=validate.TOLERANCE, log=print):
-    """Write the bundle for `source` (a Source) to `out`; return the manifest."""
+def export(source, out, force=False, validation_text=None, tolerance=validate.TOLERANCE, runtime_only=False,
+           log=print):
+    """Write the bundle for `source` (a Source) to `out`; return the manifest.
+
+    runtime_only: keep what the runtime and people need (manifest, ONNX variants, training config,
+    history and plot); the SavedModel is still built and validated, then left out, as is the Keras model.
+    """
     out = Path(out)
     if out.exists() and not force:
         raise CharrnnError(f"output exists: {out} (use --force to replace it)")
@@ -209,6 +214,7 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
         facts = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "vocab": source.vocab, "vocab_size": len(source.vocab), "network": network(source.weights),
+            "parameters": source.model.count_params(),
             "tensors": TENSORS, "state": [t._asdict() for t in spec], "initial_state": "zeros",
             "training": source.training_facts(), "versions": versions(),
             "validation": {"text": {**text_facts, "chars": len(ids)}, **results},
@@ -223,10 +229,12 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
             set_metadata(model, {**facts, "variant": variant})
             onnx.save_model(model, str(tmp / VARIANTS[variant]))
 
+        if runtime_only:
+            shutil.rmtree(tmp / "saved_model")
         if source.run is not None:
             (tmp / "training").mkdir()
             for name in TRAINING_FILES:
-                if (source.run.path / name).is_file():
+                if (source.run.path / name).is_file() and not (runtime_only and name == "model.keras"):
                     shutil.copy2(source.run.path / name, tmp / "training" / name)
 
         manifest = {**facts, "variants": VARIANTS, "files": {

@@ -77,14 +77,31 @@ def main(model_path, prime, length, temperature, top_k, top_p, seed, num_samples
                f"seed {seeds[0]}]", err=True)
 
 
+TERMINAL_FLUSH_SECONDS = 0.03
+
+
 def stream_to_stdout(prime, chars):
+    """Print the prime, then each character as it comes; return the generated text.
+
+    A terminal is flushed at most every TERMINAL_FLUSH_SECONDS (text appears as it is made); a file
+    or pipe gets Python's buffered writes and one flush at the end, so the CLI keeps the API's speed.
+    """
     out = sys.stdout
     out.write(prime)
     text = []
-    for char in chars:
-        out.write(char)
-        out.flush()
-        text.append(char)
+    if out.isatty():
+        last_flush = time.monotonic()
+        for char in chars:
+            out.write(char)
+            text.append(char)
+            now = time.monotonic()
+            if now - last_flush >= TERMINAL_FLUSH_SECONDS:
+                out.flush()
+                last_flush = now
+    else:
+        for char in chars:
+            out.write(char)
+            text.append(char)
     out.write("\n")
     out.flush()
     return "".join(text)

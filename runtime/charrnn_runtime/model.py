@@ -173,18 +173,33 @@ class Model:
             stepper.step(char)
         return stepper.state()
 
-    def score(self, text):
-        """Mean loss (nats) and bits per character of text[1:] given the text before it."""
+    def score(self, text, window=None):
+        """Mean loss (nats) and bits per character of text[1:] given the text before it.
+
+        With `window`, the text is cut into windows of window + 1 characters (the remainder is
+        dropped), each scored from the initial state with at most `window` characters of context, as
+        a transformer with that block size is evaluated (nanoGPT); the windows run as one batch.
+        """
         ids = self.encode(text)
         if len(ids) < 2:
             raise CharrnnError("scoring needs at least 2 characters")
-        stepper, nll = Stepper(self, self.initial_state()), 0.0
-        for current, target in zip(ids[:-1], ids[1:], strict=True):
-            stepper.step(current)
-            z = stepper.logits[0].astype(np.float64)
-            nll += np.log(np.exp(z - z.max()).sum()) + z.max() - z[target]
-        loss = float(nll) / (len(ids) - 1)
-        return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": len(ids) - 1}
+        if window is None:
+            rows = ids[None, :]
+        elif window < 1 or len(ids) < window + 1:
+            raise CharrnnError(f"scoring with window {window} needs at least {max(window, 1) + 1} characters")
+        else:
+            count = (len(ids) - 1) // window
+            rows = np.stack([ids[i * window: i * window + window + 1] for i in range(count)])
+        stepper, nll = Stepper(self, self.initial_state(len(rows))), 0.0
+        for t in range(rows.shape[1] - 1):
+            stepper.step(rows[:, t])
+            z = stepper.logits.astype(np.float64)
+            top = z.max(axis=1)
+            nll += float((np.log(np.exp(z - top[:, None]).sum(axis=1)) + top
+                          - z[np.arange(len(rows)), rows[:, t + 1]]).sum())
+        chars = rows.size - len(rows)
+        loss = nll / chars
+        return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": chars}
 
     # -- generation --------------------------------------------------------------------------------
 

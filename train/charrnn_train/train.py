@@ -3,7 +3,8 @@
 A run directory holds
     config.json       what was trained (with the corpus' sha256)
     vocab.json        the characters, index = token id
-    history.json      one record per completed epoch; the commit record of the run
+    history.json      one record per completed epoch (losses, learning rate, wall and CPU seconds);
+                      the commit record of the run
     checkpoints/      epoch-NNNN.keras: weights + optimizer state of the last completed epoch;
                       with validation, best-NNNN.keras: the model of the best validation epoch so far
     model.keras       the final model (no optimizer state), written when training ends: the best
@@ -237,7 +238,7 @@ def train(run, log=print, callbacks=()):
         trained = True
         inputs, targets = train_set.epoch(epoch)
         seed_dropout(model, config.seed, epoch)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         fit = model.fit(inputs, targets, batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
                         callbacks=[Progress(epoch, config.epochs, train_set.steps_per_epoch), *callbacks])
         record = {"epoch": epoch, "loss": fit.history["loss"][-1]}
@@ -247,6 +248,7 @@ def train(run, log=print, callbacks=()):
             record["val_bits_per_char"] = record["val_loss"] / LN2
         record["learning_rate"] = float(model.optimizer.learning_rate)
         record["seconds"] = time.perf_counter() - started
+        record["cpu_seconds"] = time.process_time() - cpu_started  # all threads; fair where cores are shared
 
         with files.atomic_path(run.checkpoint(epoch)) as tmp:
             model.save(tmp)
