@@ -123,6 +123,7 @@ def main():
     server, url = start_server(args.variant, max(levels), log)
     rows = []
     try:
+        asyncio.run(load(url, 4, True, args.chars, 2, args.seconds))  # warm-up: first steps, connections
         for clients in levels:
             for stream in (False, True):
                 rate, ttfc, errors = asyncio.run(load(url, clients, stream, args.chars,

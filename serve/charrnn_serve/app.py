@@ -118,6 +118,20 @@ def finish_reason(text, max_tokens, stops):
     return "stop" if any(text.endswith(s) for s in stops) else "cancelled"
 
 
+class ReplicaHeader:
+    """X-Replica on every response (plain ASGI: Starlette's BaseHTTPMiddleware would re-buffer streams)."""
+
+    def __init__(self, app, replica):
+        self.app, self.header = app, (b"x-replica", replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+        await self.app(scope, receive, send_with_header)
+
+
 def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -141,11 +155,7 @@ def create_app(engine, replica=None, drain_seconds=30.0):
     app.exception_handler(Exception)(lambda request, exc: error(500, f"internal error: {exc!r}", kind="server_error"))
 
     if replica is not None:
-        @app.middleware("http")
-        async def replica_header(request, call_next):
-            response = await call_next(request)
-            response.headers["X-Replica"] = replica
-            return response
+        app.add_middleware(ReplicaHeader, replica=replica)
 
     @app.get("/health")
     async def health():
