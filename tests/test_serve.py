@@ -115,7 +115,8 @@ def test_models_health_and_prometheus_metrics(server, model):
     models = openai.OpenAI(base_url=f"{url}/v1", api_key="none").models.list()
     assert [m.id for m in models.data] == [model.path.name]
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
-    httpx.post(f"{url}/v1/completions", json={"prompt": "", "max_tokens": 5, "seed": 1})
+    body = {"prompt": "", "max_tokens": 5, "seed": 1, "stop": "a longer stop string"}
+    assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
     text = httpx.get(f"{url}/metrics").text
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert float(samples['charrnn_requests_total{finish_reason="length"}']) >= 1

@@ -14,6 +14,7 @@ import json
 import secrets
 import time
 import uuid
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -42,7 +43,7 @@ class CompletionRequest(BaseModel):
     top_p: float | None = None
     top_k: int | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = None
     stream: bool = False
 
@@ -67,14 +68,14 @@ def engine_error(e):
 
 
 def validation_error(exc):
-    """pydantic's complaint as a 400 naming the first bad field."""
-    first = exc.errors()[0]
-    if first["type"] == "json_invalid":
-        return error(400, first["msg"])  # "Invalid JSON: ..."
-    if not first["loc"]:
+    """pydantic's complaint as a 400 naming the first bad field (with each of a union's complaints)."""
+    errors = exc.errors()
+    if errors[0]["type"] == "json_invalid":
+        return error(400, errors[0]["msg"])  # "Invalid JSON: ..."
+    if not errors[0]["loc"]:
         return error(400, "the request body must be a JSON object")
-    field = first["loc"][0]
-    return error(400, f"{field}: {first['msg']}", field)
+    field = errors[0]["loc"][0]
+    return error(400, f"{field}: " + " or ".join(e["msg"] for e in errors if e["loc"][0] == field), field)
 
 
 async def cancel_on_disconnect(request, awaitable):
@@ -160,9 +161,8 @@ def create_app(engine, replica=None, drain_seconds=30.0):
     @app.get("/health")
     async def health():
         metrics = engine.metrics()
-        body = {"status": "ok", "model": name, "replica": replica, "active_rows": metrics["active_rows"],
+        return {"status": "ok", "model": name, "replica": replica, "active_rows": metrics["active_rows"],
                 "waiting_requests": metrics["waiting_requests"]}
-        return JSONResponse(body)
 
     @app.get("/v1/models")
     async def models():
