@@ -16,7 +16,7 @@ import charrnn_runtime
 from charrnn_runtime import CharrnnError, SamplingParams, State
 from charrnn_runtime.cli import main as run_cli
 from charrnn_runtime.sampling import GumbelNoise, allowed_mask, sample
-from conftest import HAS_TF, assert_one_line_error, run_python
+from conftest import HAS_TF, SONNETS, assert_one_line_error, fake_run, run_python
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +275,22 @@ def test_cli_missing_and_foreign_files(tmp_path):
     assert_one_line_error(_run("--model", tmp_path / "dir"), "not a charrnn model bundle")
 
 
+def test_model_lookup_is_path_then_environment_then_packaged_model(model_path, tmp_path, monkeypatch):
+    from charrnn_runtime import bundle
+
+    monkeypatch.setenv("CHARRNN_MODEL", str(model_path))
+    assert charrnn_runtime.load(provider="cpu").path == model_path
+    with pytest.raises(CharrnnError, match="^model not found: "):  # a given path is never swapped for another
+        charrnn_runtime.load(tmp_path / "nope")
+    monkeypatch.setenv("CHARRNN_MODEL", str(tmp_path / "nope"))
+    assert_one_line_error(_run("--length", 1), "tried: model path (none given), $CHARRNN_MODEL=", "model not found")
+    monkeypatch.delenv("CHARRNN_MODEL")
+    monkeypatch.setattr(bundle, "DEFAULT_MODEL", tmp_path / "gone")
+    with pytest.raises(CharrnnError, match=r"model path \(none given\), \$CHARRNN_MODEL \(not set\), the packaged "
+                                           r"model \(model not found: .*gone\)"):
+        charrnn_runtime.load()
+
+
 def test_cli_corrupted_bundle(model_path, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(model_path, bundle, ignore=shutil.ignore_patterns("saved_model", "training"))
@@ -354,7 +370,8 @@ def test_cuda_batch_and_seeds(cuda_model, prime):
 
 @pytest.mark.skipif(HAS_TF, reason="checks an install without the [train] extra")
 def test_training_commands_name_the_extra_they_need(tmp_path):
-    for module, args in (("charrnn_train", ["--out", tmp_path / "run"]), ("charrnn_export", [tmp_path / "run"])):
+    train_args = ["--corpus", SONNETS, "--batch-size", 1, "--out", tmp_path / "run"]
+    for module, args in (("charrnn_train", train_args), ("charrnn_export", [fake_run(tmp_path / "done")])):
         result = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True)
         assert result.returncode == 2, result.stderr
         command = module.replace("_", "-")
