@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: generate test bench shipped-model clean
+.PHONY: generate test dist bench shipped-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ generate: $(VENV)/.runtime  ## 1,000 characters from the shipped Shakespeare mod
 test: $(VENV)/.dev  ## the whole test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# dist/: the sdist and the wheel built from it, as pip builds from an sdist (.ci/wheel tests them)
+dist: | $(BIN)/python
+	$(BIN)/pip install -q build
+	$(BIN)/python -m build --outdir dist .
+
 bench: $(VENV)/.dev  ## speed table against the report's own loop (~5 min)
 	$(BIN)/python benchmarks/benchmark.py $(ARGS)
 
@@ -38,4 +43,4 @@ shipped-model: $(VENV)/.dev
 	$(BIN)/charrnn-run --model models/shakespeare --seed 1 > models/shakespeare/sample.txt
 
 clean:
-	rm -rf $(VENV) build *.egg-info runtime/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info runtime/*.egg-info .pytest_cache .hypothesis
