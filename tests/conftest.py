@@ -79,10 +79,27 @@ def tiny_bundle(tmp_path_factory, tiny_run):
 
 
 @pytest.fixture(scope="session")
+def tiny_stacked_lstm_bundle(tmp_path_factory, tiny_corpus):
+    """A two-layer LSTM with dropout: four state tensors instead of one."""
+    if not HAS_TF:
+        pytest.skip("needs the [train] extra (TensorFlow)")
+    from charrnn_export.export import Source, export
+    from charrnn_train import train
+
+    run = train.start(train.Config(corpus=str(tiny_corpus), validation_fraction=0.2, layers=2, cell="lstm",
+                                   dropout=0.1, **TINY), tmp_path_factory.mktemp("runs") / "lstm")
+    train.train(run, log=lambda line: None)
+    out = tmp_path_factory.mktemp("bundles") / "lstm"
+    export(Source(run.path), out, log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session", params=["gru", "stacked-lstm"])
 def model_path(request):
-    """The bundle runtime tests use: the tiny export when TensorFlow is here, else the shipped model."""
+    """The bundles runtime tests use: tiny exports (a GRU, a stacked LSTM) when TensorFlow is here,
+    else the shipped model."""
     if HAS_TF:
-        return request.getfixturevalue("tiny_bundle")
-    if not (SHIPPED / "manifest.json").is_file():
-        pytest.skip("no shipped model and no TensorFlow to export one")
+        return request.getfixturevalue({"gru": "tiny_bundle", "stacked-lstm": "tiny_stacked_lstm_bundle"}[request.param])
+    if request.param != "gru" or not (SHIPPED / "manifest.json").is_file():
+        pytest.skip("no TensorFlow to export a tiny model; the shipped model runs once")
     return SHIPPED

@@ -25,13 +25,15 @@ def test_saved_model_and_onnx_match_keras(tiny_bundle, batch):
 
     from charrnn_export.export import onnx_step, saved_model_step
     from charrnn_export.validate import step_through
+    from charrnn_runtime.bundle import state_spec
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    spec = state_spec(manifest)
     inputs = np.random.default_rng(batch).integers(0, manifest["vocab_size"], (batch, 40)).astype(np.int32)
     reference = _keras_logits(tiny_bundle, inputs)
     session = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    for step in (saved_model_step(tiny_bundle / "saved_model"), onnx_step(session)):
-        assert np.abs(step_through(step, inputs, manifest["units"]) - reference).max() < 1e-4
+    for step in (saved_model_step(tiny_bundle / "saved_model", spec), onnx_step(session, spec)):
+        assert np.abs(step_through(step, inputs, spec) - reference).max() < 1e-4
 
 
 def test_manifest_records_validation_and_hashes(tiny_bundle):
@@ -45,8 +47,9 @@ def test_manifest_records_validation_and_hashes(tiny_bundle):
     on_disk = {str(p.relative_to(tiny_bundle)) for p in tiny_bundle.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert all(sha256_file(tiny_bundle / name) == digest for name, digest in manifest["files"].items())
-    assert manifest["tensors"] == {"char": "char", "hidden": "hidden", "logits": "logits",
-                                   "next_hidden": "next_hidden"}
+    assert manifest["tensors"] == {"char": "char", "logits": "logits"}
+    assert manifest["state"] == [{"input": "hidden", "output": "next_hidden", "size": 32, "layer": 0,
+                                  "role": "hidden"}]  # a one-layer GRU keeps the report's cell signature
     assert manifest["training"]["epochs_trained"] == 2 and "loss" in manifest["training"]["final"]
 
 
@@ -79,7 +82,7 @@ def test_onnx_is_standard_self_contained_and_self_describing(tiny_bundle, tiny_r
 
     facts = json.loads({p.key: p.value for p in model.metadata_props}["charrnn"])
     assert facts["vocab"] == tiny_run.vocab and facts["variant"] == "fp32"
-    units = facts["units"]
+    units = facts["state"][0]["size"]
     out = ReferenceEvaluator(model).run(None, {"char": np.array([1, 2], np.int32),
                                                "hidden": np.zeros((2, units), np.float32)})
     assert out[0].shape == (2, len(tiny_run.vocab)) and out[1].shape == (2, units)
@@ -148,6 +151,37 @@ def test_cli_exports_with_default_output(tiny_run, tmp_path):
     assert _export_cli([run, "--force"]).exit_code == 0
 
 
+def test_runtime_only_bundle_leaves_out_the_savedmodel_and_keras_model(tiny_run, tmp_path):
+    import charrnn_runtime
+
+    result = _export_cli([tiny_run.path, tmp_path / "bundle", "--runtime-only"])
+    assert result.exit_code == 0, result.output
+    assert "saved_model  max |Δlogit|" in result.output  # still validated
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["model.int8.onnx", "model.onnx", "training/config.json",
+                                         "training/history.json", "training/loss.png", "training/vocab.json"]
+    assert sorted(str(p.relative_to(tmp_path / "bundle")) for p in (tmp_path / "bundle").rglob("*")
+                  if p.is_file()) == sorted([*manifest["files"], "manifest.json"])
+    assert charrnn_runtime.load(tmp_path / "bundle").generate("", 10, seed=1)
+
+
+def test_stacked_lstm_exports_every_layers_state(tiny_stacked_lstm_bundle):
+    import onnx
+
+    manifest = json.loads((tiny_stacked_lstm_bundle / "manifest.json").read_text())
+    assert manifest["network"]["layers"] == [{"cell": "lstm", "units": 32}] * 2
+    assert [(t["input"], t["output"], t["layer"], t["role"]) for t in manifest["state"]] == [
+        ("hidden_0", "next_hidden_0", 0, "hidden"), ("cell_0", "next_cell_0", 0, "cell"),
+        ("hidden_1", "next_hidden_1", 1, "hidden"), ("cell_1", "next_cell_1", 1, "cell")]
+    for fmt in ("saved_model", "onnx", "onnx-reference"):
+        assert manifest["validation"][fmt]["max_abs_logit_diff"] <= 1e-4
+    assert "cost_bits_per_char" in manifest["validation"]["int8"]
+    model = onnx.load(str(tiny_stacked_lstm_bundle / "model.int8.onnx"))
+    facts = json.loads({p.key: p.value for p in model.metadata_props}["charrnn"])
+    assert facts["state"] == manifest["state"] and facts["variant"] == "int8"
+    assert [i.name for i in model.graph.input] == ["char", "hidden_0", "cell_0", "hidden_1", "cell_1"]
+
+
 def test_bad_sources(tmp_path, tiny_run):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "empty").mkdir()
@@ -160,15 +194,21 @@ def test_bad_sources(tmp_path, tiny_run):
     assert_one_line_error(_export_cli([broken, tmp_path / "out"]), "cannot load Keras model")
 
 
-def test_unsupported_architecture(tmp_path, tiny_run):
+@pytest.mark.parametrize("layer, message", [
+    ("SimpleRNN(8, return_sequences=True)", "unsupported architecture Embedding → SimpleRNN → Dense"),
+    ("GRU(8, return_sequences=True, reset_after=False)", "reset_after=False"),
+    ("LSTM(8, return_sequences=True, activation='relu')", "activation='relu'"),
+])
+def test_unsupported_architecture(tmp_path, tiny_run, layer, message):
     import keras
 
-    lstm = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(10, 4),
-                             keras.layers.LSTM(8, return_sequences=True), keras.layers.Dense(10)])
-    lstm.save(tmp_path / "lstm.keras")
+    model = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(10, 4),
+                              eval(f"keras.layers.{layer}"), keras.layers.Dense(10)])
+    model.save(tmp_path / "model.keras")
     (tmp_path / "vocab.json").write_text(json.dumps([str(i) for i in range(10)]))
-    assert_one_line_error(_export_cli([tmp_path / "lstm.keras", tmp_path / "out"]),
-                           "unsupported architecture Embedding → LSTM → Dense")
+    (tmp_path / "text.txt").write_text("0123456789" * 20)
+    assert_one_line_error(_export_cli([tmp_path / "model.keras", tmp_path / "out",
+                                       "--validation-text", tmp_path / "text.txt"]), message)
 
 
 def test_bare_keras_model_needs_validation_text(tiny_bundle, tmp_path):

@@ -29,6 +29,13 @@ def prime(model):
     return "".join(ch for ch in "ROMEO: " if ch in model.index) or model.vocab[1]
 
 
+def assert_same_state(a, b, atol):
+    assert list(a.arrays) == list(b.arrays)
+    for name in a.arrays:
+        np.testing.assert_allclose(a.arrays[name], b.arrays[name], atol=atol, err_msg=name)
+    np.testing.assert_allclose(a.logits, b.logits, atol=10 * atol)
+
+
 # -- sampling ---------------------------------------------------------------------------------------
 
 logits_rows = st.lists(st.floats(-30, 30, allow_nan=False), min_size=2, max_size=40).map(
@@ -119,22 +126,21 @@ def test_fast_loop_equals_a_naive_step_by_step_loop(model, prime):
     naive = model.initial_state(2)
     for char in model.encode(text):
         naive = model.step(naive, [char, char])
-    np.testing.assert_allclose(fed.hidden, naive.hidden, atol=1e-5)
+    assert_same_state(fed, naive, atol=1e-5)
     np.testing.assert_allclose(fed.logits, naive.logits, atol=1e-4)
     generator = model.generator(text, seed=1)
     ids = generator.next_ids()
     snapshot = generator.state
-    np.testing.assert_allclose(snapshot.hidden, model.step(fed.select([0]), ids).hidden, atol=1e-5)
+    assert_same_state(snapshot, model.step(fed.select([0]), ids), atol=1e-5)
     # OrtValue.numpy() views memory the OrtValue frees: a snapshot must own its arrays
-    assert all(a.flags.owndata for a in (fed.hidden, fed.logits, snapshot.hidden, snapshot.logits))
+    assert all(a.flags.owndata for s in (fed, snapshot) for a in (s.logits, *s.arrays.values()))
 
 
 def test_feeding_in_pieces_equals_feeding_at_once(model, prime):
     text = model.generate(prime, 30, seed=1)
     whole = model.feed(model.initial_state(), prime + text)
     pieces = model.feed(model.feed(model.initial_state(), prime), text)
-    np.testing.assert_allclose(whole.hidden, pieces.hidden, atol=1e-6)
-    np.testing.assert_allclose(whole.logits, pieces.logits, atol=1e-5)
+    assert_same_state(whole, pieces, atol=1e-5)
 
 
 def test_fork_fans_out_to_the_same_texts_as_separate_runs(model, prime):
@@ -154,12 +160,14 @@ def test_generation_continues_from_a_saved_state(model, prime, tmp_path):
     state = model.feed(model.initial_state(), prime)
     state.save(tmp_path / "state.npz")
     loaded = State.load(tmp_path / "state.npz")
-    np.testing.assert_array_equal(loaded.hidden, state.hidden)
+    assert_same_state(loaded, state, atol=0)
     copy = state.copy()
-    copy.hidden[:] = 0
-    assert state.hidden.any()  # a copy is independent
+    for array in copy.arrays.values():
+        array[:] = 0
+    assert all(array.any() for array in state.arrays.values())  # a copy is independent
     assert (model.generate("", 50, seed=2, state=loaded) == model.generate(prime, 50, seed=2))
-    State(np.zeros((1, model.units + 1), np.float32), loaded.logits).save(tmp_path / "other.npz")
+    wider = {name: np.zeros((1, array.shape[1] + 1), np.float32) for name, array in loaded.arrays.items()}
+    State(wider, loaded.logits).save(tmp_path / "other.npz")
     with pytest.raises(CharrnnError, match="state does not fit this model"):
         model.generate("", 5, state=State.load(tmp_path / "other.npz"))
     (tmp_path / "junk.npz").write_bytes(b"junk")
@@ -192,7 +200,8 @@ def test_eight_threads_share_one_model(model, prime):
 
 def test_empty_prime_starts_from_a_uniform_first_character(model):
     state = model.initial_state(2)
-    assert state.hidden.shape == (2, model.units) and not state.logits.any()
+    assert [a.shape for a in state.arrays.values()] == [(2, t.size) for t in model.state_spec]
+    assert not state.logits.any()
     assert len(model.generate("", 20, seed=1)) == 20
 
 
@@ -207,6 +216,16 @@ def test_score_matches_stepping_by_hand(model, prime):
         nll -= z[target] - z.max() - np.log(np.exp(z - z.max()).sum())
     assert result["loss"] == pytest.approx(nll / (len(ids) - 1))
     assert result["bits_per_char"] == pytest.approx(result["loss"] / math.log(2))
+
+
+def test_windowed_score_is_the_mean_over_windows_scored_from_the_start(model, prime):
+    text = prime + model.generate(prime, 100, seed=4)
+    windows = [text[i * 20: i * 20 + 21] for i in range((len(text) - 1) // 20)]
+    expected = np.mean([model.score(w)["loss"] for w in windows])
+    result = model.score(text, window=20)
+    assert result["chars"] == 20 * len(windows) and result["loss"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(CharrnnError, match="window 500 needs at least 501"):
+        model.score(text, window=500)
 
 
 def test_unknown_characters_are_named_with_positions(model):
@@ -312,9 +331,12 @@ def test_cli_onnx_without_or_with_wrong_metadata(model_path, tmp_path):
     onnx.save(model, str(tmp_path / "plain.onnx"))
     assert_one_line_error(_run("--model", tmp_path / "plain.onnx"), "not a charrnn model")
     entry = model.metadata_props.add()
-    entry.key, entry.value = "charrnn", json.dumps({**meta, "units": meta["units"] + 1})
-    onnx.save(model, str(tmp_path / "wrong.onnx"))
-    assert_one_line_error(_run("--model", tmp_path / "wrong.onnx"), "metadata does not match")
+    wider = [{**meta["state"][0], "size": meta["state"][0]["size"] + 1}, *meta["state"][1:]]
+    fewer = meta["state"][:-1] or [{**meta["state"][0], "input": "h"}]
+    for name, state in (("wider", wider), ("fewer", fewer)):
+        entry.key, entry.value = "charrnn", json.dumps({**meta, "state": state})
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        assert_one_line_error(_run("--model", tmp_path / f"{name}.onnx"), "metadata does not match")
 
 
 def test_cli_cuda_requested_but_unavailable(model_path):
@@ -359,8 +381,8 @@ def cuda_model(model_path):
 def test_cuda_keeps_the_state_on_the_gpu_and_matches_cpu(cuda_model, model, prime):
     assert cuda_model.provider == "cuda" and "CUDAExecutionProvider" in cuda_model.session.get_providers()
     generator = cuda_model.generator(prime, seed=1)
-    assert all(h.device_name().lower() == "cuda" for h in generator.stepper.hidden)
-    np.testing.assert_allclose(generator.state.hidden, model.feed(model.initial_state(), prime).hidden, atol=1e-4)
+    assert all(b.device_name().lower() == "cuda" for pair in generator.stepper.buffers.values() for b in pair)
+    assert_same_state(generator.state, model.feed(model.initial_state(), prime), atol=1e-4)
     assert cuda_model.generate(prime, 200, temperature=0) == model.generate(prime, 200, temperature=0)
 
 

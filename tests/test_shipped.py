@@ -59,7 +59,7 @@ def saved_model_step():
     pytest.importorskip("tensorflow")
     from charrnn_export.export import saved_model_step
 
-    return saved_model_step(SHIPPED / "saved_model")
+    return saved_model_step(SHIPPED / "saved_model", charrnn_runtime.load(SHIPPED).state_spec)
 
 
 @needs_tf
@@ -69,22 +69,22 @@ def test_onnx_logits_match_the_saved_model_on_a_few_hundred_characters(model, sa
 
     text = SONNETS.read_text()[:300]
     ids = model.encode(text)[None, :]
-    onnx_logits = step_through(onnx_step(model.session), ids, model.units)
-    saved_logits = step_through(saved_model_step, ids, model.units)
+    onnx_logits = step_through(onnx_step(model.session, model.state_spec), ids, model.state_spec)
+    saved_logits = step_through(saved_model_step, ids, model.state_spec)
     assert np.abs(onnx_logits - saved_logits).max() < 1e-4
 
 
 @needs_tf
 def test_greedy_runtime_equals_greedy_saved_model_for_200_characters(model, saved_model_step):
     prime = "ROMEO: "
-    hidden, chars = np.zeros((1, model.units), np.float32), model.encode(prime)
+    state, chars = model.initial_state().arrays, model.encode(prime)
     for char in chars:
-        logits, hidden = saved_model_step(np.array([char], np.int32), hidden)
+        logits, state = saved_model_step(np.array([char], np.int32), state)
     out = []
     for _ in range(200):
         char = int(np.argmax(logits[0]))
         out.append(model.vocab[char])
-        logits, hidden = saved_model_step(np.array([char], np.int32), hidden)
+        logits, state = saved_model_step(np.array([char], np.int32), state)
     assert model.generate(prime, 200, temperature=0) == "".join(out)
 
 

@@ -24,6 +24,16 @@ def test_default_architecture_has_the_reports_parameter_counts():
     assert model.count_params() == 4_021_569
 
 
+def test_stacked_lstm_with_dropout_has_the_expected_layers():
+    from charrnn_train.model import build_model
+
+    model = build_model(65, embedding_dim=16, units=32, layers=2, cell="lstm", dropout=0.2)
+    assert [layer.name for layer in model.layers] == [
+        "embedding", "dropout_0", "lstm_1", "dropout_1", "lstm_2", "dropout_2", "logits"]
+    lstm = 4 * 32 * (16 + 32 + 1), 4 * 32 * (32 + 32 + 1)
+    assert model.count_params() == 65 * 16 + sum(lstm) + 32 * 65 + 65
+
+
 def test_vocabulary_mapping_and_steps_per_epoch_on_the_real_corpus():
     from charrnn_train import data
 
@@ -69,15 +79,22 @@ def test_loss_falls_on_a_tiny_corpus(tiny_run):
     assert history[-1]["val_bits_per_char"] == pytest.approx(history[-1]["val_loss"] / math.log(2))
     for name in ("config.json", "vocab.json", "history.json", "model.keras", "loss.png"):
         assert (tiny_run.path / name).is_file()
-    assert [p.name for p in tiny_run.checkpoints.iterdir()] == ["epoch-0002.keras"]
+    best = tiny_run.best_epoch
+    assert sorted(p.name for p in tiny_run.checkpoints.iterdir()) == sorted({f"best-{best:04d}.keras",
+                                                                             "epoch-0002.keras"})
 
 
-def _interrupt_after(batches):
+def _interrupt_after(batches, in_epoch=1):
     import keras
 
     class Interrupt(keras.callbacks.Callback):
+        epoch = 0
+
+        def on_train_begin(self, logs=None):
+            self.epoch += 1  # train() fits one epoch at a time
+
         def on_train_batch_end(self, batch, logs=None):
-            if batch + 1 == batches:
+            if self.epoch == in_epoch and batch + 1 == batches:
                 raise KeyboardInterrupt
     return Interrupt()
 
@@ -105,6 +122,53 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_corpus):
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert json.loads((run.path / "history.json").read_text()) == history
     np.testing.assert_allclose([r["loss"] for r in history], [r["loss"] for r in whole.history], rtol=1e-4)
+
+
+BEYOND_THE_REPORT = dict(layers=2, cell="lstm", dropout=0.1, lr_schedule="cosine", min_learning_rate=1e-4,
+                         clip_norm=1.0, validation_fraction=0.2)
+
+
+def test_every_option_resumes_to_the_same_run(tmp_path, tiny_corpus):
+    """Stacked LSTM, dropout, cosine schedule, clipping, validation: a resumed run equals a whole one."""
+    from charrnn_train import train
+
+    config = dict(TINY, epochs=3, **BEYOND_THE_REPORT)
+    whole = train.start(train.Config(corpus=str(tiny_corpus), **config), tmp_path / "whole")
+    train.train(whole, log=lambda line: None)
+    run = train.start(train.Config(corpus=str(tiny_corpus), **config), tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train.train(run, log=lambda line: None, callbacks=[_interrupt_after(5, in_epoch=2)])
+    run = train.Run.open(run.path)
+    assert [r["epoch"] for r in run.history] == [1]
+    history = train.train(train.Run.open(run.path), log=lambda line: None)
+    for key in ("loss", "val_loss", "learning_rate"):
+        np.testing.assert_allclose([r[key] for r in history], [r[key] for r in whole.history], rtol=1e-4)
+    assert history[-1]["learning_rate"] < history[0]["learning_rate"]  # the cosine schedule decays
+
+
+def test_the_best_validation_epoch_is_the_runs_model_and_early_stopping_ends_the_run(tmp_path, tiny_corpus):
+    import keras
+
+    from charrnn_train import train
+
+    config = train.Config(corpus=str(tiny_corpus), **dict(TINY, epochs=40, learning_rate=0.05, early_stopping=2,
+                                                          validation_fraction=0.2))
+    run = train.start(config, tmp_path / "run")
+    lines = []
+    history = train.train(run, log=lines.append)
+    val = [r["val_loss"] for r in history]
+    best = int(np.argmin(val)) + 1
+    assert len(history) == best + 2 < 40, val  # stopped two epochs after the best one
+    assert run.best_epoch == best and run.stopped_early and run.finished
+    assert f"model.keras: epoch {best}" in lines[-1] and "stopped early" in lines[-1]
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == [f"best-{best:04d}.keras",
+                                                                  f"epoch-{best + 2:04d}.keras"]
+    final, best_model = (keras.models.load_model(p) for p in (run.model_file, run.best_checkpoint(best)))
+    for a, b in zip(final.get_weights(), best_model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert train.train(train.Run.open(run.path), log=lambda line: None) == history  # resuming: nothing to do
+    result = _cli(["--resume", str(run.path)])
+    assert result.exit_code == 0 and "already complete" in result.output
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "ctrl-c"])
@@ -175,8 +239,16 @@ def test_cli_non_positive_sizes(tmp_path, option):
 
 def test_cli_bad_values_are_one_line(tmp_path):
     assert_one_line_error(_cli(["--epochs", "many"]), "--epochs")
-    assert_one_line_error(_cli(["--validation-fraction", "1.5", "--out", str(tmp_path / "r")]),
-                           "validation-fraction")
+    assert_one_line_error(_cli(["--cell", "rnn"]), "--cell")
+    for args, message in [(["--validation-fraction", "1.5"], "validation-fraction"),
+                          (["--layers", "0"], "layers must be positive"),
+                          (["--dropout", "1"], "dropout must be in [0, 1)"),
+                          (["--early-stopping", "3"], "early-stopping needs a validation split"),
+                          (["--early-stopping", "-1"], "patience must be >= 0"),
+                          (["--lr-schedule", "cosine", "--min-learning-rate", "0.1"], "min-learning-rate"),
+                          (["--clip-norm", "0"], "clip-norm must be a positive number")]:
+        assert_one_line_error(_cli([*args, "--out", str(tmp_path / "r")]), message)
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_resume_on_a_directory_that_is_not_a_run(tmp_path):

@@ -31,8 +31,11 @@ EPILOG = ("Every export is validated: held-out text is teacher-forced through th
               help="UTF-8 text to validate on.  [default: the run's held-out split, else its corpus' tail]")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max abs difference allowed for every logit and for bits/char.")
+@click.option("--runtime-only", is_flag=True,
+              help="Leave the SavedModel and the Keras model out of OUT (both are still validated): "
+                   "the ONNX variants, manifest and training history only, for shipping.")
 @click.option("--verbose", is_flag=True, help="Show TensorFlow's and tf2onnx's own log lines.")
-def main(source, out, force, vocab_file, validation_text, tolerance, verbose):
+def main(source, out, force, vocab_file, validation_text, tolerance, runtime_only, verbose):
     with cli_errors():  # bad arguments are reported before TensorFlow is imported (seconds)
         if not (tolerance > 0 and math.isfinite(tolerance)):
             raise BadInput(f"--tolerance must be a positive number, got {tolerance}")
@@ -47,5 +50,5 @@ def main(source, out, force, vocab_file, validation_text, tolerance, verbose):
         require_extra("train", "charrnn-export")
     with cli_errors():
         export(Source(source, vocab_file), out, force=force, validation_text=validation_text,
-               tolerance=tolerance, log=lambda line: click.echo(line, err=True))
+               tolerance=tolerance, runtime_only=runtime_only, log=lambda line: click.echo(line, err=True))
     click.echo(str(out))

@@ -31,8 +31,8 @@ from charrnn_runtime.errors import CharrnnError
 from charrnn_train.data import encode, held_out_start, read_corpus
 
 from . import validate
+from .cell import TENSORS, Cell, cell_weights, state_spec, vocab_size
 from .checks import check_out, find_source
-from .cell import TENSORS, Cell, cell_weights
 
 OPSET = 18  # the newest tf2onnx 1.17 knows
 TRAINING_FILES = ("config.json", "vocab.json", "history.json", "loss.png", "model.keras")
@@ -49,8 +49,8 @@ class Source:
         except Exception as e:  # Keras raises many types for damaged/foreign files
             raise CharrnnError(f"cannot load Keras model {model_file}: {e}") from None
         self.weights = cell_weights(self.model)
-        if self.weights["table"].shape[0] != len(self.vocab):
-            raise CharrnnError(f"model has {self.weights['table'].shape[0]} tokens, vocabulary {len(self.vocab)}")
+        if vocab_size(self.weights) != len(self.vocab):
+            raise CharrnnError(f"model has {vocab_size(self.weights)} tokens, vocabulary {len(self.vocab)}")
 
     def validation_text(self, path=None):
         """(text, description): the given file, else the run's held-out tail, else its corpus' tail."""
@@ -90,23 +90,28 @@ def to_onnx(cell):
     return proto
 
 
-def onnx_step(session):
-    return lambda char, hidden: session.run([TENSORS["logits"], TENSORS["next_hidden"]],
-                                            {TENSORS["char"]: char, TENSORS["hidden"]: hidden})
-
-
-def saved_model_step(path):
-    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
-
-    def step(char, hidden):
-        out = serve(**{TENSORS["char"]: tf.constant(char), TENSORS["hidden"]: tf.constant(hidden)})
-        return out[TENSORS["logits"]].numpy(), out[TENSORS["next_hidden"]].numpy()
+def named_step(run, spec):
+    """step(char, state) → (logits, next state) over `run(inputs) → {output name: array}`."""
+    def step(char, state):
+        out = run({TENSORS["char"]: char, **state})
+        return np.asarray(out[TENSORS["logits"]]), {t.input: np.asarray(out[t.output]) for t in spec}
     return step
 
 
-def reference_step(proto):
+def onnx_step(session, spec):
+    names = [o.name for o in session.get_outputs()]
+    return named_step(lambda inputs: dict(zip(names, session.run(names, inputs))), spec)
+
+
+def saved_model_step(path, spec):
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    return named_step(lambda inputs: serve(**{k: tf.constant(v) for k, v in inputs.items()}), spec)
+
+
+def reference_step(proto, spec):
     evaluator = ReferenceEvaluator(proto)
-    return lambda char, hidden: evaluator.run(None, {TENSORS["char"]: char, TENSORS["hidden"]: hidden})
+    names = [o.name for o in proto.graph.output]
+    return named_step(lambda inputs: dict(zip(names, evaluator.run(names, inputs))), spec)
 
 
 def cpu_session(model):
@@ -123,10 +128,10 @@ def quantize_int8(fp32_model, int8_path):
         logging.disable(logging.NOTSET)
 
 
-def int8_cost(fp32_model, int8_model, ids, units):
+def int8_cost(fp32_model, int8_model, ids, spec):
     """Bits per character of both variants on the validation text (4 rows, teacher-forced)."""
     rows = validate.segments(ids, 4, len(ids) // 4 - 1)
-    bpc = [validate.bits_per_char(validate.step_through(onnx_step(cpu_session(model)), rows[:, :-1], units),
+    bpc = [validate.bits_per_char(validate.step_through(onnx_step(cpu_session(model), spec), rows[:, :-1], spec),
                                   rows[:, 1:]) for model in (fp32_model, int8_model)]
     return {"bits_per_char": bpc[1], "fp32_bits_per_char": bpc[0], "cost_bits_per_char": bpc[1] - bpc[0]}
 
@@ -145,19 +150,30 @@ def _charrnn_version():
         return "unknown"
 
 
+def network(weights):
+    """What the cell computes, for people reading the manifest."""
+    return {"layers": [{"cell": layer["cell"], "units": layer["recurrent_kernel"].shape[0]}
+                       for layer in weights["layers"]], "embedding": "folded into the first layer's input table"}
+
+
 def set_metadata(proto, facts):
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(facts, ensure_ascii=False)
 
 
-def export(source, out, force=False, validation_text=None, tolerance=validate.TOLERANCE, log=print):
-    """Write the bundle for `source` (a Source) to `out`; return the manifest."""
+def export(source, out, force=False, validation_text=None, tolerance=validate.TOLERANCE, runtime_only=False,
+           log=print):
+    """Write the bundle for `source` (a Source) to `out`; return the manifest.
+
+    runtime_only: keep what the runtime and people need (manifest, ONNX variants, training config,
+    history and plot); the SavedModel is still built and validated, then left out, as is the Keras model.
+    """
     out = Path(out)
     check_out(out, force)
     text, text_facts = source.validation_text(validation_text)
     ids = source.encode(text)
-    vocab_size, units = len(source.vocab), source.weights["recurrent_kernel"].shape[0]
+    spec = state_spec(source.weights)
 
     with files.atomic_directory(out, replace=force) as tmp:
         cell = Cell(source.weights)
@@ -167,21 +183,22 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
         onnx.checker.check_model(proto, full_check=True)
         log(f"validating on {len(ids):,} characters ({text_facts['source']})")
         results = validate.compare(source.model, {
-            "saved_model": saved_model_step(tmp / "saved_model"),
-            "onnx": onnx_step(cpu_session(proto.SerializeToString())),
-            "onnx-reference": reference_step(proto),
-        }, ids, units, tolerance=tolerance, log=log)
+            "saved_model": saved_model_step(tmp / "saved_model", spec),
+            "onnx": onnx_step(cpu_session(proto.SerializeToString()), spec),
+            "onnx-reference": reference_step(proto, spec),
+        }, ids, spec, tolerance=tolerance, log=log)
 
         facts = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "vocab": source.vocab, "vocab_size": vocab_size, "units": units,
-            "tensors": TENSORS, "initial_state": "zeros",
+            "vocab": source.vocab, "vocab_size": len(source.vocab), "network": network(source.weights),
+            "parameters": source.model.count_params(),
+            "tensors": TENSORS, "state": [t._asdict() for t in spec], "initial_state": "zeros",
             "training": source.training_facts(), "versions": versions(),
             "validation": {"text": {**text_facts, "chars": len(ids)}, **results},
         }
         int8_path = tmp / VARIANTS["int8"]
         quantize_int8(proto, int8_path)
-        facts["validation"]["int8"] = int8_cost(proto.SerializeToString(), str(int8_path), ids, units)
+        facts["validation"]["int8"] = int8_cost(proto.SerializeToString(), str(int8_path), ids, spec)
         log(f"int8         bits/char {facts['validation']['int8']['bits_per_char']:.4f}, cost "
             f"{facts['validation']['int8']['cost_bits_per_char']:+.4f} vs fp32 (held-out: {text_facts['held_out']})")
         int8 = onnx.load_model(str(int8_path))
@@ -189,10 +206,12 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
             set_metadata(model, {**facts, "variant": variant})
             onnx.save_model(model, str(tmp / VARIANTS[variant]))
 
+        if runtime_only:
+            shutil.rmtree(tmp / "saved_model")
         if source.run is not None:
             (tmp / "training").mkdir()
             for name in TRAINING_FILES:
-                if (source.run.path / name).is_file():
+                if (source.run.path / name).is_file() and not (runtime_only and name == "model.keras"):
                     shutil.copy2(source.run.path / name, tmp / "training" / name)
 
         manifest = {**facts, "variants": VARIANTS, "files": {

@@ -46,17 +46,18 @@ def bits_per_char(logits, targets):
     return float(nll.mean() / math.log(2))
 
 
-def step_through(step, inputs, units):
-    """Logits [batch, length, vocab] of a single-step function `step(char, hidden) → (logits, next)`."""
-    hidden = np.zeros((inputs.shape[0], units), np.float32)
+def step_through(step, inputs, spec):
+    """Logits [batch, length, vocab] of a single-step function `step(char, state) → (logits, next state)`;
+    states are {input name: array}, starting from zeros of the state tensors in `spec`."""
+    state = {t.input: np.zeros((inputs.shape[0], t.size), np.float32) for t in spec}
     out = []
     for t in range(inputs.shape[1]):
-        logits, hidden = step(inputs[:, t], hidden)
+        logits, state = step(inputs[:, t], state)
         out.append(np.asarray(logits))
     return np.stack(out, axis=1)
 
 
-def compare(keras_model, steps, ids, units, tolerance=TOLERANCE, log=print):
+def compare(keras_model, steps, ids, spec, tolerance=TOLERANCE, log=print):
     """Check each named step function against Keras; return {name: {max_abs_diff, ...}} or raise."""
     cases = cases_for(len(ids))
     results = {name: {"max_abs_logit_diff": 0.0, "max_bits_per_char_diff": 0.0} for name in steps}
@@ -66,7 +67,7 @@ def compare(keras_model, steps, ids, units, tolerance=TOLERANCE, log=print):
         reference = np.asarray(keras_model(inputs))
         reference_bpc = bits_per_char(reference, targets)
         for name, step in steps.items():
-            logits = step_through(step, inputs, units)
+            logits = step_through(step, inputs, spec)
             result = results[name]
             result["max_abs_logit_diff"] = max(result["max_abs_logit_diff"],
                                                float(np.abs(logits - reference).max()))

@@ -2,17 +2,22 @@
 
 A bundle directory has manifest.json and one ONNX file per variant; a bare model.onnx works too,
 because the exporter writes the same facts into the ONNX metadata under METADATA_KEY.
+
+Format 2 declares the recurrent state as a list of tensors (input name, output name, size, layer,
+role), so one runtime serves any stack of GRU/LSTM layers; format 1 (one GRU, `hidden` →
+`next_hidden` of `units`) is read as a one-tensor list.
 """
 
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from . import files
 from .errors import CharrnnError
 
 FORMAT = "charrnn"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "charrnn"
 VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 MODEL_ENV = "CHARRNN_MODEL"
@@ -70,6 +75,25 @@ def verify(onnx_path, expected_sha256):
     return digest
 
 
+class StateTensor(NamedTuple):
+    """One tensor of the recurrent state: fed as `input`, returned as `output`, [batch, size]."""
+
+    input: str
+    output: str
+    size: int
+    layer: int = 0
+    role: str = "hidden"  # "hidden", or "cell" for an LSTM's cell state
+
+
+def state_spec(facts):
+    """The model's state tensors, in input order."""
+    if "state" in facts:
+        return [StateTensor(t["input"], t["output"], int(t["size"]), int(t["layer"]), t["role"])
+                for t in facts["state"]]
+    tensors = facts["tensors"]
+    return [StateTensor(tensors["hidden"], tensors["next_hidden"], int(facts["units"]))]
+
+
 def read_facts(session, source):
     """The charrnn facts from the ONNX metadata, checked against the graph's real shapes."""
     raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
@@ -79,14 +103,18 @@ def read_facts(session, source):
         facts = json.loads(raw)
         if facts["format"] != FORMAT or facts["format_version"] > FORMAT_VERSION:
             raise CharrnnError(f"unsupported model format {facts['format']} v{facts['format_version']}: {source}")
-        vocab, units, tensors = facts["vocab"], int(facts["units"]), facts["tensors"]
+        vocab, tensors, spec = facts["vocab"], facts["tensors"], state_spec(facts)
     except (ValueError, KeyError, TypeError):
         raise CharrnnError(f"damaged charrnn metadata in {source}") from None
 
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name: o.shape for o in session.get_outputs()}
-    expected = {tensors["char"]: (inputs, 1, None), tensors["hidden"]: (inputs, 2, units),
-                tensors["logits"]: (outputs, 2, len(vocab)), tensors["next_hidden"]: (outputs, 2, units)}
+    expected = {tensors["char"]: (inputs, 1, None), tensors["logits"]: (outputs, 2, len(vocab))}
+    for t in spec:
+        expected[t.input], expected[t.output] = (inputs, 2, t.size), (outputs, 2, t.size)
+    if set(inputs) != {tensors["char"], *(t.input for t in spec)}:
+        raise CharrnnError(f"metadata does not match the model in {source}: graph inputs {sorted(inputs)}, "
+                           f"metadata declares {[tensors['char'], *(t.input for t in spec)]}")
     for name, (where, rank, width) in expected.items():
         shape = where.get(name)
         if shape is None or len(shape) != rank or (width is not None and shape[-1] != width):

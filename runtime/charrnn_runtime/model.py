@@ -3,11 +3,12 @@
     model = charrnn_runtime.load("models/shakespeare", provider="auto")
     text = model.generate("ROMEO: ", length=200, temperature=0.8, seed=1)
 
-State is explicit (State: hidden + the logits for the next character, one row per stream): start
-from `initial_state`, `feed` text, `fork` it, save it, continue it later. Loops (feed, score,
-generation) run through a Stepper, whose onnxruntime IO binding is set up once: on CPU its buffers
-share memory with numpy arrays, so a step copies nothing; on CUDA the hidden state stays on the GPU
-between steps and only the logits cross to the host for sampling.
+State is explicit (State: the model's declared state tensors, e.g. one hidden state per GRU layer
+or hidden + cell per LSTM layer, and the logits for the next character; one row per stream):
+start from `initial_state`, `feed` text, `fork` it, save it, continue it later. Loops (feed,
+score, generation) run through a Stepper, whose onnxruntime IO binding is set up once: on CPU its
+buffers share memory with numpy arrays, so a step copies nothing; on CUDA the state stays on the
+GPU between steps and only the logits cross to the host for sampling.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ Stop = str | Iterable[str] | None
 
 
 class State:
-    """Hidden state [n, units] and next-character logits [n, vocab] of n streams (host arrays).
+    """The state tensors {name: [n, size]} and next-character logits [n, vocab] of n streams.
 
-    The initial state's logits are zeros, i.e. a uniform first character when there is no prime.
+    Names are the model's state inputs (`model.state_spec`). The initial state's logits are zeros,
+    i.e. a uniform first character when there is no prime.
     """
 
-    def __init__(self, hidden: np.ndarray, logits: np.ndarray) -> None:
-        self.hidden, self.logits = hidden, logits
+    def __init__(self, arrays: dict[str, np.ndarray], logits: np.ndarray) -> None:
+        self.arrays, self.logits = dict(arrays), logits
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -46,7 +48,7 @@ class State:
     def select(self, rows: Iterable[int] | np.ndarray) -> State:
         """A new state of the given rows (repeat a row to fork it)."""
         rows = np.asarray(rows, dtype=np.int64)
-        return State(self.hidden[rows], self.logits[rows])
+        return State({name: array[rows] for name, array in self.arrays.items()}, self.logits[rows])
 
     def fork(self, n: int) -> State:
         """Each stream repeated n times: prime once, then fan out into n continuations."""
@@ -55,9 +57,19 @@ class State:
     def copy(self) -> State:
         return self.select(np.arange(len(self)))
 
+    @classmethod
+    def concat(cls, states: Iterable[State]) -> State:
+        """One state holding the streams of `states` in order (states of the same model)."""
+        states = list(states)
+        names = list(states[0].arrays)
+        if any(list(state.arrays) != names for state in states):
+            raise CharrnnError("cannot concatenate states of different models")
+        return cls({name: np.concatenate([state.arrays[name] for state in states]) for name in names},
+                   np.concatenate([state.logits for state in states]))
+
     def save(self, path: PathLike) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, hidden=self.hidden, logits=self.logits)
+        np.savez(buffer, logits=self.logits, **self.arrays)
         with files.atomic_path(path) as tmp:
             tmp.write_bytes(buffer.getvalue())
 
@@ -65,37 +77,40 @@ class State:
     def load(cls, path: PathLike) -> State:
         try:
             with np.load(path) as saved:
-                return cls(saved["hidden"].astype(np.float32), saved["logits"].astype(np.float32))
+                arrays = {name: saved[name].astype(np.float32) for name in saved.files if name != "logits"}
+                return cls(arrays, saved["logits"].astype(np.float32))
         except (OSError, ValueError, KeyError) as e:
             raise CharrnnError(f"not a saved charrnn state: {path} ({e})") from None
 
 
 class Stepper:
-    """Steps n streams in place: IO binding set up once, the hidden state ping-pongs between two buffers.
+    """Steps n streams in place: IO binding set up once, each state tensor ping-pongs between two buffers.
 
-    Two bindings (hidden A → B and B → A) are prepared up front, so a step is: write the chars,
+    Two bindings (state A → B and B → A) are prepared up front, so a step is: write the chars,
     run, flip. The char and logits buffers are host numpy arrays the OrtValues share memory with.
     """
 
     def __init__(self, model, state):
         model.check(state)
         device = "cuda" if model.provider == "cuda" else "cpu"
-        names = model.tensors
-        self.session = model.session
+        self.session, self.spec = model.session, model.state_spec
         self.chars = np.zeros(len(state), np.int32)
         self.logits = np.array(state.logits, dtype=np.float32, order="C")
-        self.hidden = [ort.OrtValue.ortvalue_from_numpy(np.array(state.hidden, np.float32, order="C"), device, 0),
-                       ort.OrtValue.ortvalue_from_shape_and_type(state.hidden.shape, np.float32, device, 0)]
+        self.buffers = {t.input: [
+            ort.OrtValue.ortvalue_from_numpy(np.array(state.arrays[t.input], np.float32, order="C"), device, 0),
+            ort.OrtValue.ortvalue_from_shape_and_type(state.arrays[t.input].shape, np.float32, device, 0)]
+            for t in self.spec}
         chars, logits = ort.OrtValue.ortvalue_from_numpy(self.chars), ort.OrtValue.ortvalue_from_numpy(self.logits)
         self.bindings = []
         for source, target in ((0, 1), (1, 0)):
             binding = self.session.io_binding()
-            binding.bind_ortvalue_input(names["char"], chars)
-            binding.bind_ortvalue_input(names["hidden"], self.hidden[source])
-            binding.bind_ortvalue_output(names["logits"], logits)
-            binding.bind_ortvalue_output(names["next_hidden"], self.hidden[target])
+            binding.bind_ortvalue_input(model.tensors["char"], chars)
+            binding.bind_ortvalue_output(model.tensors["logits"], logits)
+            for t in self.spec:
+                binding.bind_ortvalue_input(t.input, self.buffers[t.input][source])
+                binding.bind_ortvalue_output(t.output, self.buffers[t.input][target])
             self.bindings.append(binding)
-        self.current = 0  # which hidden buffer holds the state
+        self.current = 0  # which buffer of each pair holds the state
 
     def step(self, chars):
         """Advance every stream by one character; self.logits then holds the next-character logits."""
@@ -105,7 +120,8 @@ class Stepper:
 
     def state(self):
         """A snapshot of the current state (copies: OrtValue.numpy() is a view of the bound buffer)."""
-        return State(self.hidden[self.current].numpy().copy(), self.logits.copy())
+        return State({name: pair[self.current].numpy().copy() for name, pair in self.buffers.items()},
+                     self.logits.copy())
 
 
 class Model:
@@ -117,10 +133,10 @@ class Model:
         self.facts = bundle.read_facts(self.session, onnx_path)
         self.variant = self.facts.get("variant", variant)
         self.vocab = self.facts["vocab"]
-        self.units = int(self.facts["units"])
         self.index = {ch: i for i, ch in enumerate(self.vocab)}
         self.tensors = self.facts["tensors"]
-        self._outputs = [self.tensors["logits"], self.tensors["next_hidden"]]
+        self.state_spec = bundle.state_spec(self.facts)
+        self._outputs = [self.tensors["logits"], *(t.output for t in self.state_spec)]
 
     # -- the network -------------------------------------------------------------------------------
 
@@ -133,23 +149,26 @@ class Model:
         return np.fromiter((self.index[ch] for ch in text), dtype=np.int32, count=len(text))
 
     def initial_state(self, n: int = 1) -> State:
-        return State(np.zeros((n, self.units), np.float32), np.zeros((n, len(self.vocab)), np.float32))
+        return State({t.input: np.zeros((n, t.size), np.float32) for t in self.state_spec},
+                     np.zeros((n, len(self.vocab)), np.float32))
 
     def check(self, state: State) -> None:
         """A clear error for a state from another model (e.g. a saved state loaded for the wrong one)."""
         n = len(state)
-        if state.hidden.shape != (n, self.units) or state.logits.shape != (n, len(self.vocab)):
-            raise CharrnnError(f"state does not fit this model: hidden {state.hidden.shape}, logits "
-                               f"{state.logits.shape}; the model needs ({n}, {self.units}) and "
-                               f"({n}, {len(self.vocab)})")
+        needed = {"logits": (n, len(self.vocab)), **{t.input: (n, t.size) for t in self.state_spec}}
+        given = {"logits": state.logits.shape, **{name: a.shape for name, a in state.arrays.items()}}
+        if given != needed:
+            def shapes(d):
+                return ", ".join(f"{name} {shape}" for name, shape in d.items())
+            raise CharrnnError(f"state does not fit this model: it has {shapes(given)}; "
+                               f"the model needs {shapes(needed)}")
 
     def step(self, state: State, chars: Iterable[int] | np.ndarray) -> State:
         """Advance every stream by one character (ids [n]); returns the new state."""
         self.check(state)
         chars = np.asarray(chars, dtype=np.int32).reshape(len(state))
-        logits, hidden = self.session.run(self._outputs, {self.tensors["char"]: chars,
-                                                          self.tensors["hidden"]: state.hidden})
-        return State(hidden, logits)
+        logits, *arrays = self.session.run(self._outputs, {self.tensors["char"]: chars, **state.arrays})
+        return State({t.input: a for t, a in zip(self.state_spec, arrays, strict=True)}, logits)
 
     def feed(self, state: State, text: str) -> State:
         """Run `text` through every stream of `state` (teacher-forced); returns the new state."""
@@ -161,18 +180,33 @@ class Model:
             stepper.step(char)
         return stepper.state()
 
-    def score(self, text: str) -> dict[str, float]:
-        """Mean loss (nats) and bits per character of text[1:] given the text before it."""
+    def score(self, text: str, window: int | None = None) -> dict[str, float]:
+        """Mean loss (nats) and bits per character of text[1:] given the text before it.
+
+        With `window`, the text is cut into windows of window + 1 characters (the remainder is
+        dropped), each scored from the initial state with at most `window` characters of context, as
+        a transformer with that block size is evaluated (nanoGPT); the windows run as one batch.
+        """
         ids = self.encode(text)
         if len(ids) < 2:
             raise CharrnnError("scoring needs at least 2 characters")
-        stepper, nll = Stepper(self, self.initial_state()), 0.0
-        for current, target in zip(ids[:-1], ids[1:], strict=True):
-            stepper.step(current)
-            z = stepper.logits[0].astype(np.float64)
-            nll += np.log(np.exp(z - z.max()).sum()) + z.max() - z[target]
-        loss = float(nll) / (len(ids) - 1)
-        return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": len(ids) - 1}
+        if window is None:
+            rows = ids[None, :]
+        elif window < 1 or len(ids) < window + 1:
+            raise CharrnnError(f"scoring with window {window} needs at least {max(window, 1) + 1} characters")
+        else:
+            count = (len(ids) - 1) // window
+            rows = np.stack([ids[i * window: i * window + window + 1] for i in range(count)])
+        stepper, nll = Stepper(self, self.initial_state(len(rows))), 0.0
+        for t in range(rows.shape[1] - 1):
+            stepper.step(rows[:, t])
+            z = stepper.logits.astype(np.float64)
+            top = z.max(axis=1)
+            nll += float((np.log(np.exp(z - top[:, None]).sum(axis=1)) + top
+                          - z[np.arange(len(rows)), rows[:, t + 1]]).sum())
+        chars = rows.size - len(rows)
+        loss = nll / chars
+        return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": chars}
 
     # -- generation --------------------------------------------------------------------------------
 

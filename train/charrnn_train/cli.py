@@ -10,11 +10,12 @@ from charrnn_runtime.errors import Command, cli_errors, quiet_tensorflow, requir
 
 from .config import Config, Run, check_new_run
 
-HELP = """Train the report's character GRU on any UTF-8 text.
+HELP = """Train a character-level GRU or LSTM network on any UTF-8 text.
 
 Defaults reproduce the report: Tiny Shakespeare, Embedding(256) → GRU(1024) → Dense, sequences of
 100, shuffle buffer 10,000, batch 64 (172 steps per epoch), Adam, 10 epochs. Every epoch writes a
-checkpoint; a killed run continues with --resume RUN_DIR."""
+checkpoint; a killed run continues with --resume RUN_DIR. With --validation-fraction the run's
+model is the epoch with the best validation loss."""
 
 
 @click.command(cls=Command, help=HELP)
@@ -27,12 +28,25 @@ checkpoint; a killed run continues with --resume RUN_DIR."""
               help="Characters per training sequence.")
 @click.option("--buffer-size", type=int, default=10_000, show_default=True, help="Shuffle buffer size.")
 @click.option("--embedding-dim", type=int, default=256, show_default=True, help="Embedding size.")
-@click.option("--units", type=int, default=1024, show_default=True, help="GRU units.")
+@click.option("--units", type=int, default=1024, show_default=True, help="Units of each recurrent layer.")
+@click.option("--layers", type=int, default=1, show_default=True, help="Stacked recurrent layers.")
+@click.option("--cell", type=click.Choice(["gru", "lstm"]), default="gru", show_default=True,
+              help="Recurrent layer type.")
+@click.option("--dropout", type=float, default=0.0, show_default=True,
+              help="Dropout on the inputs of every recurrent layer and of the output layer.")
 @click.option("--learning-rate", type=float, default=0.001, show_default=True, help="Adam learning rate.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="cosine: decay from --learning-rate to --min-learning-rate over all epochs.")
+@click.option("--min-learning-rate", type=float, default=0.0, show_default=True,
+              help="Where the cosine schedule ends.")
+@click.option("--clip-norm", type=float, default=None, help="Clip gradients to this global norm.  [default: off]")
 @click.option("--seed", type=int, default=42, show_default=True,
               help="Seeds weight init and the per-epoch shuffle.")
 @click.option("--validation-fraction", type=float, default=0.0, show_default=True,
-              help="Tail of the corpus held out; its loss and bits/char are reported each epoch.")
+              help="Tail of the corpus held out; its loss and bits/char are reported each epoch, and the "
+                   "best epoch becomes the run's model.")
+@click.option("--early-stopping", type=int, default=0, show_default=True, metavar="PATIENCE",
+              help="Stop after this many epochs without a better validation loss; 0 = off.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Run directory to create.  [default: runs/charrnn-YYYYmmdd-HHMMSS]")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
@@ -56,8 +70,8 @@ def main(corpus, out, resume, verbose, **options):
     with cli_errors():
         if not resume:
             run = training.start(config, out)
-        if len(run.history) >= run.config.epochs and run.model_file.exists():
-            click.echo(f"run {run.path} is already complete ({run.config.epochs} epochs)", err=True)
+        if run.finished and run.model_file.exists():
+            click.echo(f"run {run.path} is already complete ({len(run.history)} epochs)", err=True)
         else:
             try:
                 with training.StopOnInterrupt() as stop:

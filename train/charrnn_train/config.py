@@ -10,6 +10,8 @@ from charrnn_runtime.errors import CharrnnError
 
 from . import data
 
+CELLS = ("gru", "lstm")  # the keys of model.CELLS, named here without importing Keras
+
 
 @dataclasses.dataclass
 class Config:
@@ -25,15 +27,42 @@ class Config:
     learning_rate: float = 0.001
     seed: int = 42
     validation_fraction: float = 0.0
+    layers: int = 1
+    cell: str = "gru"
+    dropout: float = 0.0
+    early_stopping: int = 0  # patience in epochs; 0 = off
+    lr_schedule: str = "constant"
+    min_learning_rate: float = 0.0  # where the cosine schedule ends
+    clip_norm: float | None = None  # global gradient-norm clipping
 
     def check(self):
-        for name in ("epochs", "batch_size", "seq_length", "buffer_size", "embedding_dim", "units"):
+        for name in ("epochs", "batch_size", "seq_length", "buffer_size", "embedding_dim", "units", "layers"):
             if getattr(self, name) < 1:
                 raise CharrnnError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise CharrnnError(f"learning-rate must be positive (a finite number), got {self.learning_rate}")
         if not 0 <= self.validation_fraction < 1:
             raise CharrnnError(f"validation-fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.cell not in CELLS:
+            raise CharrnnError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        if not 0 <= self.dropout < 1:
+            raise CharrnnError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.early_stopping < 0:
+            raise CharrnnError(f"early-stopping patience must be >= 0, got {self.early_stopping}")
+        if self.early_stopping and not self.validation_fraction:
+            raise CharrnnError("early-stopping needs a validation split: set --validation-fraction")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise CharrnnError(f"lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.lr_schedule == "cosine" and not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise CharrnnError(f"min-learning-rate must be in [0, learning-rate], got {self.min_learning_rate}")
+        if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise CharrnnError(f"clip-norm must be a positive number, got {self.clip_norm}")
+
+    def build(self, vocab_size):
+        """The untrained network of this config (no optimizer)."""
+        from .model import build_model  # Keras: imported only when a network is built
+
+        return build_model(vocab_size, self.embedding_dim, self.units, self.layers, self.cell, self.dropout)
 
 
 class Run:
@@ -65,6 +94,24 @@ class Run:
     def checkpoint(self, epoch):
         return self.checkpoints / f"epoch-{epoch:04d}.keras"
 
+    def best_checkpoint(self, epoch):
+        return self.checkpoints / f"best-{epoch:04d}.keras"
+
+    @property
+    def best_epoch(self):
+        """The completed epoch with the lowest validation loss (None without validation)."""
+        scored = [r for r in self.history if "val_loss" in r]
+        return min(scored, key=lambda r: r["val_loss"])["epoch"] if scored else None
+
+    @property
+    def stopped_early(self):
+        patience = self.config.early_stopping
+        return bool(patience and self.history and self.history[-1]["epoch"] - self.best_epoch >= patience)
+
+    @property
+    def finished(self):
+        """Training is over: every epoch ran, or validation stopped improving for `patience` epochs."""
+        return len(self.history) >= self.config.epochs or self.stopped_early
 
 def check_new_run(config, run_dir):
     """Everything that can be wrong with a new run before training starts; returns the corpus text."""

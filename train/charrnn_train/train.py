@@ -3,9 +3,12 @@
 A run directory holds
     config.json       what was trained (with the corpus' sha256)
     vocab.json        the characters, index = token id
-    history.json      one record per completed epoch; the commit record of the run
-    checkpoints/      epoch-NNNN.keras: weights + optimizer state of the last completed epoch
-    model.keras       the final model (no optimizer state), written when the last epoch completes
+    history.json      one record per completed epoch (losses, learning rate, wall and CPU seconds);
+                      the commit record of the run
+    checkpoints/      epoch-NNNN.keras: weights + optimizer state of the last completed epoch;
+                      with validation, best-NNNN.keras: the model of the best validation epoch so far
+    model.keras       the final model (no optimizer state), written when training ends: the best
+                      validation epoch's model when there is a validation split, else the last epoch's
     loss.png          loss curve
 Every file is written atomically, and a checkpoint counts only once history.json names its epoch,
 so `kill -9` at any moment loses at most the epoch in progress.
@@ -13,19 +16,21 @@ so `kill -9` at any moment loses at most the epoch in progress.
 
 import dataclasses
 import math
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from charrnn_runtime import files
 from charrnn_runtime.errors import CharrnnError
 
 from . import data
 from .config import Config, Run, check_new_run  # noqa: F401 - Config re-exported: train.Config
-from .model import build_model, compile_model
+from .model import compile_model, learning_rate
 
 LN2 = math.log(2)
 
@@ -118,14 +123,19 @@ def train(run, log=print, callbacks=()):
         log(f"resuming {run.path} after epoch {done}/{config.epochs}")
     else:
         keras.utils.set_random_seed(config.seed)
-        model = compile_model(build_model(len(run.vocab), config.embedding_dim, config.units),
-                              config.learning_rate)
+        model = compile_model(config.build(len(run.vocab)),
+                              learning_rate(config, train_set.steps_per_epoch), config.clip_norm)
         log(f"training {run.path}: {model.count_params():,} parameters, "
             f"{train_set.steps_per_epoch} steps/epoch, {config.epochs} epochs")
 
+    trained = False
     for epoch in range(done + 1, config.epochs + 1):
+        if run.stopped_early:
+            break
+        trained = True
         inputs, targets = train_set.epoch(epoch)
-        started = time.perf_counter()
+        seed_dropout(model, config.seed, epoch)
+        started, cpu_started = time.perf_counter(), time.process_time()
         fit = model.fit(inputs, targets, batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
                         callbacks=[Progress(epoch, config.epochs, train_set.steps_per_epoch), *callbacks])
         record = {"epoch": epoch, "loss": fit.history["loss"][-1]}
@@ -133,30 +143,57 @@ def train(run, log=print, callbacks=()):
         if validation is not None:
             record["val_loss"] = float(model.evaluate(*validation, batch_size=config.batch_size, verbose=0))
             record["val_bits_per_char"] = record["val_loss"] / LN2
+        record["learning_rate"] = float(model.optimizer.learning_rate)
         record["seconds"] = time.perf_counter() - started
+        record["cpu_seconds"] = time.process_time() - cpu_started  # all threads; fair where cores are shared
 
         with files.atomic_path(run.checkpoint(epoch)) as tmp:
             model.save(tmp)
+        if validation is not None and all(record["val_loss"] < r["val_loss"] for r in run.history):
+            save_inference_model(config, run.vocab, model, run.best_checkpoint(epoch))
         run.history.append(record)
         files.write_json(run.history_file, run.history)  # the epoch now counts
-        for old in run.checkpoints.glob("epoch-*.keras"):
-            if old != run.checkpoint(epoch):
+        keep = {run.checkpoint(epoch), run.best_checkpoint(run.best_epoch or 0)}
+        for old in run.checkpoints.glob("*.keras"):
+            if old not in keep:
                 old.unlink()
-        log(summary(record))
+        log(summary(record, best=run.best_epoch == epoch))
 
-    if done < config.epochs or not run.model_file.exists():
-        final = build_model(len(run.vocab), config.embedding_dim, config.units)
-        final.set_weights(model.get_weights())
-        with files.atomic_path(run.model_file) as tmp:
-            final.save(tmp)
+    if trained or not run.model_file.exists():
+        if run.best_epoch is not None:
+            with files.atomic_path(run.model_file) as tmp:
+                shutil.copyfile(run.best_checkpoint(run.best_epoch), tmp)
+            log(f"model.keras: epoch {run.best_epoch}, the best validation loss "
+                f"({run.history[run.best_epoch - 1]['val_loss']:.4f})"
+                + (f"; stopped early after {config.early_stopping} epochs without improvement"
+                   if run.stopped_early else ""))
+        else:
+            save_inference_model(config, run.vocab, model, run.model_file)
         plot_history(run.history, run.plot_file)
     return run.history
 
 
-def summary(record):
+def seed_dropout(model, seed, epoch):
+    """Dropout masks drawn from (seed, layer, epoch), like the shuffle, so a resumed run draws the same."""
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, keras.layers.Dropout):
+            state = layer.seed_generator.state
+            state.assign(np.array([seed + i, epoch << 20], dtype=state.dtype))
+
+
+def save_inference_model(config, vocab, model, path):
+    """The network with `model`'s weights and no optimizer state (what export and users load)."""
+    final = config.build(len(vocab))
+    final.set_weights(model.get_weights())
+    with files.atomic_path(path) as tmp:
+        final.save(tmp)
+
+
+def summary(record, best=False):
     line = f"epoch {record['epoch']}: loss {record['loss']:.4f} ({record['bits_per_char']:.3f} bits/char)"
     if "val_loss" in record:
         line += f", val loss {record['val_loss']:.4f} ({record['val_bits_per_char']:.3f} bits/char)"
+        line += " (best)" if best else ""
     return line + f", {record['seconds']:.1f} s"
 
 

@@ -1,0 +1,199 @@
+"""The continuous-batching engine: identity with solo runs, limits, cancellation, drain, errors."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import charrnn_runtime
+from charrnn_runtime import CharrnnError
+from charrnn_runtime.engine import Completion, Engine, EngineBusy
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return charrnn_runtime.load(model_path, provider="cpu")
+
+
+@pytest.fixture
+def engine(model):
+    with Engine(model, max_batch=64, max_waiting=256, max_chars=1000) as engine:
+        yield engine
+
+
+def random_requests(model, count, seed=0):
+    """(prompt, length, settings) triples: different prompts, lengths, temperatures, top-k/top-p, stops."""
+    rng = np.random.default_rng(seed)
+    letters = [ch for ch in "ROMEO: JULIET\nabcdefg" if ch in model.index] or model.vocab[:5]
+    requests = []
+    for i in range(count):
+        prompt = "".join(rng.choice(letters, int(rng.integers(0, 15))))
+        settings = dict(temperature=float(rng.choice([0.0, 0.5, 1.0, 1.5])), seed=1000 + i,
+                        top_k=[None, 3, 10][i % 3], top_p=[None, 0.9][i % 2],
+                        stop=[model.vocab[int(rng.integers(len(model.vocab)))]] if i % 5 == 0 else ())
+        requests.append((prompt, int(rng.integers(0, 250)), settings))
+    return requests
+
+
+def test_64_concurrent_requests_each_equal_their_solo_run(engine, model):
+    requests = random_requests(model, 64)
+
+    async def all_at_once():
+        return await asyncio.gather(*(engine.generate(p, n, **s) for p, n, s in requests))
+    completions = asyncio.run(all_at_once())
+    for completion, (prompt, length, settings) in zip(completions, requests, strict=True):
+        assert completion.text == model.generate(prompt, length, **settings)
+        assert completion.seed == settings["seed"] and completion.prompt_chars == len(prompt)
+        expected = "length" if len(completion.text) == length else "stop"
+        assert completion.finish_reason == expected
+    metrics = engine.metrics()
+    assert metrics["active_rows"] == 0 and metrics["waiting_requests"] == 0
+    assert metrics["generated_chars_total"] == sum(len(c.text) for c in completions)
+    assert metrics["batch_rows_sum"] / metrics["steps_total"] > 8  # they really shared steps
+
+
+def test_requests_arriving_while_others_generate_join_the_batch(engine, model):
+    requests = random_requests(model, 12, seed=1)
+
+    async def staggered():
+        tasks = []
+        for prompt, length, settings in requests:
+            tasks.append(asyncio.create_task(engine.generate(prompt, length, **settings)))
+            await asyncio.sleep(0.002)
+        return await asyncio.gather(*tasks)
+    for completion, (prompt, length, settings) in zip(asyncio.run(staggered()), requests, strict=True):
+        assert completion.text == model.generate(prompt, length, **settings)
+
+
+def test_max_batch_bounds_the_rows_and_the_rest_wait_their_turn(model):
+    requests = random_requests(model, 10, seed=2)
+    with Engine(model, max_batch=3) as engine:
+        handles = [engine.submit(p, n, **s) for p, n, s in requests]
+        texts = [h.result(timeout=60).text for h in handles]
+        metrics = engine.metrics()
+    assert texts == [model.generate(p, n, **s) for p, n, s in requests]
+    assert metrics["batch_rows_sum"] <= 3 * metrics["steps_total"]
+
+
+def test_streaming_sends_chunks_not_characters(model):
+    with Engine(model, flush_seconds=0.05) as engine:
+        async def collect():
+            return [chunk async for chunk in engine.stream("", 1000, seed=5)]
+        chunks = asyncio.run(collect())
+    assert "".join(chunks) == model.generate("", 1000, seed=5)
+    assert len(chunks) < 100
+
+
+def test_threads_use_the_blocking_api(engine, model):
+    results = {}
+
+    def work(i):
+        results[i] = "".join(engine.submit("", 80, seed=i, temperature=0.8))
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {i: model.generate("", 80, seed=i, temperature=0.8) for i in range(8)}
+
+
+def test_zero_length_and_a_random_seed_is_reported(engine, model):
+    prompt = model.vocab[1] * 3
+    assert engine.submit(prompt, 0, seed=3).result(timeout=10) == Completion("", "length", 3, 3, 0)
+    completion = engine.submit("", 40).result(timeout=10)
+    assert completion.text == model.generate("", 40, seed=completion.seed)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt="\x00"), "not in the model's vocabulary"),
+    (dict(temperature=-1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0), "top-p"),
+    (dict(top_k=0), "top-k"),
+    (dict(max_chars=1001), "max_chars must be an integer in [0, 1000]"),
+    (dict(max_chars=-1), "max_chars"),
+    (dict(max_chars=2.5), "max_chars"),
+    (dict(stop=[""]), "stop strings"),
+    (dict(seed=-4), "seed"),
+])
+def test_bad_requests_are_refused_at_once(engine, kwargs, message):
+    call = dict(prompt="", max_chars=10) | kwargs
+    with pytest.raises(CharrnnError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        engine.submit(call.pop("prompt"), call.pop("max_chars"), **call)
+    assert engine.metrics()["waiting_requests"] == 0
+
+
+def test_a_full_queue_refuses_with_busy(model):
+    with Engine(model, max_batch=1, max_waiting=2, max_chars=100_000) as engine:
+        running = engine.submit("", 100_000)
+        while engine.metrics()["active_rows"] == 0:
+            time.sleep(0.001)
+        queued = [engine.submit("", 5), engine.submit("", 5)]
+        with pytest.raises(EngineBusy, match="busy"):
+            engine.submit("", 5)
+        assert engine.metrics()["requests_rejected_total"] == 1
+        running.cancel()
+        assert running.result(timeout=10).finish_reason == "cancelled"
+        assert [q.result(timeout=10).finish_reason for q in queued] == ["length", "length"]
+
+
+def test_closing_a_stream_frees_its_row(engine):
+    async def read_a_little():
+        stream = engine.stream("", 1000, seed=1)
+        async for _ in stream:
+            break
+        await stream.aclose()
+    asyncio.run(read_a_little())
+    deadline = time.monotonic() + 10
+    while engine.metrics()["active_rows"] and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.metrics()["active_rows"] == 0
+    assert engine.metrics()["requests_total"] == {"cancelled": 1}
+
+
+def test_a_cancelled_task_cancels_its_request(engine):
+    async def cancel_soon():
+        task = asyncio.create_task(engine.generate("", 1000))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(cancel_soon())
+    deadline = time.monotonic() + 10
+    while engine.metrics()["active_rows"] and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.metrics()["requests_total"] == {"cancelled": 1}
+
+
+def test_drain_finishes_what_runs_and_refuses_new_requests(model):
+    with Engine(model, max_chars=100_000) as engine:
+        running = engine.submit("", 300, seed=2)
+        assert engine.drain(timeout=60)
+        assert running.result(timeout=1).text == model.generate("", 300, seed=2)
+        with pytest.raises(EngineBusy, match="shutting down"):
+            engine.submit("", 5)
+    with Engine(model, max_chars=10_000_000) as engine:
+        endless = engine.submit("", 10_000_000)
+        assert not engine.drain(timeout=0.2)  # too long to finish: cancelled at the deadline
+        assert endless.result(timeout=10).finish_reason == "cancelled"
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(engine, model, monkeypatch):
+    original = engine._sample
+    monkeypatch.setattr(engine, "_sample", lambda *a: (_ for _ in ()).throw(CharrnnError("broken model")))
+    with pytest.raises(CharrnnError, match="broken model"):
+        engine.submit("", 10).result(timeout=10)
+    monkeypatch.setattr(engine, "_sample", original)
+    assert engine.submit("", 10, seed=1).result(timeout=10).text == model.generate("", 10, seed=1)
+    assert engine.metrics()["requests_total"]["error"] == 1
+
+
+def test_closing_the_engine_cancels_everything(model):
+    engine = Engine(model, max_batch=1, max_chars=10_000_000)
+    running, queued = engine.submit("", 10_000_000), engine.submit("", 10)
+    engine.close()
+    assert running.result(timeout=10).finish_reason == queued.result(timeout=10).finish_reason == "cancelled"
+    with pytest.raises(EngineBusy):
+        engine.submit("", 1)
