@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import charrnn_runtime
+from charrnn_train.data import DEFAULT_CORPUS as CORPUS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -18,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # runs these tests from a copy outside the checkout).
 SHIPPED = charrnn_runtime.DEFAULT_MODEL
 FULL_BUNDLE = (SHIPPED / "saved_model").is_dir()
-CORPUS = ROOT / "train" / "data" / "tinyshakespeare.txt"
 SONNETS = ROOT / "train" / "data" / "sonnets.txt"
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 needs_tf = pytest.mark.skipif(not HAS_TF, reason="needs the [train] extra (TensorFlow)")
