@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: generate test bench shipped-model shipped-model-gru2x512 quality clean
+.PHONY: generate test dist bench shipped-model shipped-model-gru2x512 quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ generate: $(VENV)/.runtime  ## 1,000 characters from the shipped Shakespeare mod
 
 test: $(VENV)/.dev  ## the whole test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# dist/: the sdist and the wheel built from it, as pip builds from an sdist (.ci/wheel tests them)
+dist: | $(BIN)/python
+	$(BIN)/pip install -q build
+	$(BIN)/python -m build --outdir dist .
 
 bench: $(VENV)/.dev  ## speed table against the report's own loop (~5 min)
 	$(BIN)/python benchmarks/benchmark.py $(ARGS)
@@ -57,4 +62,4 @@ quality: $(VENV)/.dev
 	$(BIN)/python benchmarks/quality.py runs/shakespeare-report-90/bundle models/shakespeare-gru2x512
 
 clean:
-	rm -rf $(VENV) build *.egg-info runtime/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info runtime/*.egg-info .pytest_cache .hypothesis

@@ -230,7 +230,8 @@ class Engine:
                 leaving = [r for r in self.rows if r.done or r.cancelled or not self.running]
                 joining = []
                 while self.running and self.waiting and len(self.rows) - len(leaving) + len(joining) < self.max_batch:
-                    joining.append(self.waiting.popleft())
+                    request = self.waiting.popleft()
+                    (leaving if request.cancelled else joining).append(request)  # cancelled while queued
                 if not self.running:
                     leaving += list(self.waiting)
                     self.waiting.clear()
