@@ -90,16 +90,23 @@ def runtime_rate(model, streams, chars, repeats):
                        chars * streams, repeats)
 
 
-def cold_start(model_path, repeats):
-    """Median wall time of `charrnn-run --length 1` as a new process."""
-    command = [sys.executable, "-m", "charrnn_runtime", "--model", str(model_path), "--length", "1",
-               "--provider", "cpu"]
+def process_seconds(model_path, repeats, *options):
+    """Median wall time of a whole `charrnn-run` process (stdout to a file), after one warm-up run."""
+    command = [sys.executable, "-m", "charrnn_runtime", "--model", str(model_path), "--provider", "cpu", *options]
     times = []
-    for _ in range(repeats + 1):
-        started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        times.append(time.perf_counter() - started)
+    with tempfile.TemporaryFile() as out:
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            subprocess.run(command, check=True, stdout=out, stderr=subprocess.DEVNULL)
+            times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
+
+
+def cli_rate(model_path, variant, chars, repeats):
+    """chars/s of whole charrnn-run processes: (chars + 1)-character runs minus 1-character runs (start-up)."""
+    run = [process_seconds(model_path, repeats, "--variant", variant, "--seed", "1", "--length", str(length))
+           for length in (chars + 1, 1)]
+    return chars / (run[0] - run[1])
 
 
 def training_step_seconds(corpus, steps):
@@ -166,6 +173,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chars", type=int, default=2000, help="characters per runtime measurement")
     parser.add_argument("--reference-chars", type=int, default=200, help="characters per report-loop run")
+    parser.add_argument("--cli-chars", type=int, default=40_000, help="characters per whole-process CLI run")
+    parser.add_argument("--cli-repeats", type=int, default=3)
     parser.add_argument("--training-steps", type=int, default=20, help="steps per epoch for row 7 (0 = skip)")
     args = parser.parse_args()
 
@@ -211,7 +220,12 @@ def main():
     if cuda_reason:
         print(f"  (5) cuda skipped: {cuda_reason}", file=sys.stderr)
 
-    add("(6) cold start: charrnn-run --length 1", cold_start(bundle, args.repeats), unit="s")
+    add("(6) cold start: charrnn-run --length 1", process_seconds(bundle, args.repeats, "--length", "1"), unit="s")
+    for variant, model in cpu.items():
+        add(f"(8) charrnn-run {variant}, whole process, {args.cli_chars:,} chars to a file",
+            cli_rate(bundle, variant, args.cli_chars, args.cli_repeats))
+        add(f"(8) in-process model.generate {variant}, {args.cli_chars:,} chars",
+            median_rate(lambda: model.generate(PRIME, args.cli_chars, seed=1), args.cli_chars, args.cli_repeats))
     if args.training_steps:
         ours, plain = training_step_seconds(ROOT / "train" / "data" / "tinyshakespeare.txt", args.training_steps)
         add("(7) training: charrnn-train", ours, unit="s/step")

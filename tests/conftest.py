@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny corpus, a tiny trained run and its exported bundle (seconds, not minutes)."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -8,11 +9,17 @@ from pathlib import Path
 
 import pytest
 
+import charrnn_runtime
+from charrnn_train.data import DEFAULT_CORPUS as CORPUS
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "models" / "shakespeare"
-CORPUS = ROOT / "train" / "data" / "tinyshakespeare.txt"
+# The repository's models/shakespeare, or its runtime part packaged in an installed wheel (.ci/wheel
+# runs these tests from a copy outside the checkout).
+SHIPPED = charrnn_runtime.DEFAULT_MODEL
+FULL_BUNDLE = (SHIPPED / "saved_model").is_dir()
+SONNETS = ROOT / "train" / "data" / "sonnets.txt"
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 needs_tf = pytest.mark.skipif(not HAS_TF, reason="needs the [train] extra (TensorFlow)")
 
@@ -22,6 +29,16 @@ TINY = dict(epochs=2, batch_size=8, seq_length=24, embedding_dim=8, units=32, se
 def run_python(code, **kwargs):
     """Run code in a fresh interpreter; returns CompletedProcess (text)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def fake_run(path):
+    """A directory that passes for a finished training run until its model.keras is loaded."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"config": {}, "corpus_sha256": ""}))
+    (path / "vocab.json").write_text(json.dumps(["a", "b"]))
+    (path / "history.json").write_text("[]")
+    (path / "model.keras").write_bytes(b"")
+    return path
 
 
 def assert_one_line_error(result, *fragments):

@@ -16,7 +16,7 @@ import charrnn_runtime
 from charrnn_runtime import CharrnnError, SamplingParams, State
 from charrnn_runtime.cli import main as run_cli
 from charrnn_runtime.sampling import GumbelNoise, allowed_mask, sample
-from conftest import HAS_TF, assert_one_line_error, run_python
+from conftest import HAS_TF, SONNETS, assert_one_line_error, fake_run, run_python
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +242,10 @@ def _run(*args):
 
 
 def test_cli_streams_prime_and_text(model_path, model, prime):
-    result = _run("--model", model_path, "--prime", prime, "--length", 40, "--seed", 3, "--provider", "cpu")
-    assert result.exit_code == 0, result.output
+    command = ["--model", model_path, "--prime", prime, "--length", 40, "--seed", 3, "--provider", "cpu"]
+    result = subprocess.run([sys.executable, "-m", "charrnn_runtime", *map(str, command)], capture_output=True,
+                            text=True)  # real stdout and stderr: click < 8.2's CliRunner mixes them
+    assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(prime + model.generate(prime, 40, seed=3))
     assert "chars/s" in result.stderr and "seed 3" in result.stderr
 
@@ -292,6 +294,22 @@ def test_cli_missing_and_foreign_files(tmp_path):
     assert_one_line_error(_run("--model", tmp_path / "junk.onnx"), "cannot load ONNX model")
     (tmp_path / "dir").mkdir()
     assert_one_line_error(_run("--model", tmp_path / "dir"), "not a charrnn model bundle")
+
+
+def test_model_lookup_is_path_then_environment_then_packaged_model(model_path, tmp_path, monkeypatch):
+    from charrnn_runtime import bundle
+
+    monkeypatch.setenv("CHARRNN_MODEL", str(model_path))
+    assert charrnn_runtime.load(provider="cpu").path == model_path
+    with pytest.raises(CharrnnError, match="^model not found: "):  # a given path is never swapped for another
+        charrnn_runtime.load(tmp_path / "nope")
+    monkeypatch.setenv("CHARRNN_MODEL", str(tmp_path / "nope"))
+    assert_one_line_error(_run("--length", 1), "tried: model path (none given), $CHARRNN_MODEL=", "model not found")
+    monkeypatch.delenv("CHARRNN_MODEL")
+    monkeypatch.setattr(bundle, "DEFAULT_MODEL", tmp_path / "gone")
+    with pytest.raises(CharrnnError, match=r"model path \(none given\), \$CHARRNN_MODEL \(not set\), the packaged "
+                                           r"model \(model not found: .*gone\)"):
+        charrnn_runtime.load()
 
 
 def test_cli_corrupted_bundle(model_path, tmp_path):
@@ -376,7 +394,8 @@ def test_cuda_batch_and_seeds(cuda_model, prime):
 
 @pytest.mark.skipif(HAS_TF, reason="checks an install without the [train] extra")
 def test_training_commands_name_the_extra_they_need(tmp_path):
-    for module, args in (("charrnn_train", ["--out", tmp_path / "run"]), ("charrnn_export", [tmp_path / "run"])):
+    train_args = ["--corpus", SONNETS, "--batch-size", 1, "--out", tmp_path / "run"]
+    for module, args in (("charrnn_train", train_args), ("charrnn_export", [fake_run(tmp_path / "done")])):
         result = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True)
         assert result.returncode == 2, result.stderr
         command = module.replace("_", "-")

@@ -1,4 +1,7 @@
-"""The shipped Shakespeare bundle: intact, still equal to its SavedModel, and what the report trained."""
+"""The shipped Shakespeare bundle: intact, still equal to its SavedModel, and what the report trained.
+
+From an installed wheel, SHIPPED is the packaged runtime part: manifest and ONNX variants only.
+"""
 
 import json
 
@@ -7,7 +10,7 @@ import pytest
 
 import charrnn_runtime
 from charrnn_runtime.files import sha256_file
-from conftest import SHIPPED, needs_tf
+from conftest import FULL_BUNDLE, SHIPPED, SONNETS, needs_tf
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="no shipped model")
 
@@ -23,12 +26,18 @@ def model():
 
 
 def test_manifest_hashes_match_the_files(manifest):
-    for name, digest in manifest["files"].items():
-        assert sha256_file(SHIPPED / name) == digest, name
+    present = {name for name in manifest["files"] if (SHIPPED / name).is_file()}
+    assert present == (set(manifest["files"]) if FULL_BUNDLE else set(manifest["variants"].values()))
+    for name in present:
+        assert sha256_file(SHIPPED / name) == manifest["files"][name], name
+
+
+def test_load_without_a_path_loads_the_shipped_model(manifest, monkeypatch):
+    monkeypatch.delenv("CHARRNN_MODEL", raising=False)
+    assert charrnn_runtime.load(provider="cpu").sha256 == manifest["files"]["model.onnx"]
 
 
 def test_it_is_the_reports_model_trained_to_the_reports_loss(manifest, model):
-    assert charrnn_runtime.DEFAULT_MODEL == SHIPPED
     assert manifest["vocab_size"] == 65 and manifest["units"] == 1024
     config = manifest["training"]["config"]
     assert (config["epochs"], config["batch_size"], config["seq_length"], config["embedding_dim"]) == (10, 64, 100, 256)
@@ -36,6 +45,10 @@ def test_it_is_the_reports_model_trained_to_the_reports_loss(manifest, model):
     for fmt in ("saved_model", "onnx", "onnx-reference"):
         assert manifest["validation"][fmt]["max_abs_logit_diff"] <= 1e-4
     assert model.vocab == manifest["vocab"]
+
+
+@pytest.mark.skipif(not FULL_BUNDLE, reason="the packaged model has the runtime part only")
+def test_the_bundle_keeps_its_training_run():
     for name in ("history.json", "loss.png", "model.keras"):
         assert (SHIPPED / "training" / name).is_file()
     assert (SHIPPED / "sample.txt").read_text().startswith("ROMEO: ")
@@ -54,7 +67,7 @@ def test_onnx_logits_match_the_saved_model_on_a_few_hundred_characters(model, sa
     from charrnn_export.export import onnx_step
     from charrnn_export.validate import step_through
 
-    text = (SHIPPED.parents[1] / "train" / "data" / "sonnets.txt").read_text()[:300]
+    text = SONNETS.read_text()[:300]
     ids = model.encode(text)[None, :]
     onnx_logits = step_through(onnx_step(model.session, model.state_spec), ids, model.state_spec)
     saved_logits = step_through(saved_model_step, ids, model.state_spec)
@@ -76,5 +89,5 @@ def test_greedy_runtime_equals_greedy_saved_model_for_200_characters(model, save
 
 
 def test_score_of_held_out_sonnets_is_far_below_uniform(model):
-    text = (SHIPPED.parents[1] / "train" / "data" / "sonnets.txt").read_text()[:500]
+    text = SONNETS.read_text()[:500]
     assert model.score(text)["bits_per_char"] < 3.0 < np.log2(65)

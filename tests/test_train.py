@@ -269,6 +269,15 @@ def test_cli_trains_end_to_end(tmp_path, tiny_corpus):
     assert (tmp_path / "run" / "model.keras").is_file()
 
 
+def test_cli_prints_no_tensorflow_log_lines_without_verbose(tmp_path, tiny_corpus):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user runs it
+    result = subprocess.run([sys.executable, "-m", "charrnn_train", "--corpus", str(tiny_corpus), "--out",
+                             str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--seq-length", "24",
+                             "--units", "16", "--embedding-dim", "4"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert all(line.startswith(("training ", "epoch ")) for line in result.stderr.splitlines()), result.stderr
+
+
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_other_keras_backends_train_and_export_under_tensorflow(backend, tmp_path, tiny_corpus):
     if importlib.util.find_spec(backend) is None:

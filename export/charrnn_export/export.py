@@ -29,10 +29,10 @@ from charrnn_runtime import files
 from charrnn_runtime.bundle import FORMAT, FORMAT_VERSION, METADATA_KEY, VARIANTS
 from charrnn_runtime.errors import CharrnnError
 from charrnn_train.data import encode, held_out_start, read_corpus
-from charrnn_train.train import Run
 
 from . import validate
 from .cell import TENSORS, Cell, cell_weights, state_spec, vocab_size
+from .checks import check_out, find_source
 
 OPSET = 18  # the newest tf2onnx 1.17 knows
 TRAINING_FILES = ("config.json", "vocab.json", "history.json", "loss.png", "model.keras")
@@ -43,31 +43,11 @@ class Source:
     """What is exported: a Keras model, its vocabulary, and (for a run) its training facts."""
 
     def __init__(self, path, vocab_file=None):
-        path = Path(path)
-        self.run = None
-        if path.is_dir():
-            self.run = Run.open(path)
-            if not self.run.model_file.is_file():
-                raise CharrnnError(f"run {path} has no final model.keras yet ({len(self.run.history)}/"
-                                   f"{self.run.config.epochs} epochs): finish it with charrnn-train --resume")
-            model_file, self.vocab = self.run.model_file, self.run.vocab
-        elif path.is_file() and path.suffix == ".keras":
-            model_file = path
-            vocab_file = Path(vocab_file or path.with_name("vocab.json"))
-            try:
-                self.vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise CharrnnError(f"no vocabulary for {path}: pass --vocab VOCAB.json") from None
-        elif path.exists():
-            raise CharrnnError(f"not a trained model or run: {path} (expected a run directory or a .keras file)")
-        else:
-            raise CharrnnError(f"no such run or model: {path}")
+        self.run, model_file, self.vocab = find_source(path, vocab_file)
         try:
             self.model = keras.models.load_model(model_file, compile=False)
         except Exception as e:  # Keras raises many types for damaged/foreign files
             raise CharrnnError(f"cannot load Keras model {model_file}: {e}") from None
-        if not (isinstance(self.vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in self.vocab)):
-            raise CharrnnError("vocabulary must be a JSON list of single characters")
         self.weights = cell_weights(self.model)
         if vocab_size(self.weights) != len(self.vocab):
             raise CharrnnError(f"model has {vocab_size(self.weights)} tokens, vocabulary {len(self.vocab)}")
@@ -190,10 +170,7 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
     history and plot); the SavedModel is still built and validated, then left out, as is the Keras model.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise CharrnnError(f"output exists: {out} (use --force to replace it)")
-    if out.exists() and not (out / "manifest.json").is_file():
-        raise CharrnnError(f"refusing to replace {out}: it is not a charrnn bundle")
+    check_out(out, force)
     text, text_facts = source.validation_text(validation_text)
     ids = source.encode(text)
     spec = state_spec(source.weights)

@@ -9,11 +9,21 @@ do not need onnxruntime.
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
 
 _API = {"load": "model", "Model": "model", "State": "model", "Generator": "model",
         "SamplingParams": "sampling", "CharrnnError": "errors", "DEFAULT_MODEL": "bundle",
         "Engine": "engine", "EngineBusy": "engine", "Completion": "engine"}
 __all__ = list(_API)
+
+if TYPE_CHECKING:  # what type checkers and IDEs see of the lazy API
+    from .bundle import DEFAULT_MODEL
+    from .engine import Completion, Engine, EngineBusy
+    from .errors import CharrnnError
+    from .model import Generator, Model, State, load
+    from .sampling import SamplingParams
 
 
 def __getattr__(name):

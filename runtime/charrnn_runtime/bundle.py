@@ -9,6 +9,7 @@ role), so one runtime serves any stack of GRU/LSTM layers; format 1 (one GRU, `h
 """
 
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,7 +20,29 @@ FORMAT = "charrnn"
 FORMAT_VERSION = 2
 METADATA_KEY = "charrnn"
 VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "shakespeare"
+MODEL_ENV = "CHARRNN_MODEL"
+# Installed: the runtime part of the shipped bundle, packaged in the wheel. In a source checkout,
+# charrnn_runtime/models links to the repository's models/.
+DEFAULT_MODEL = (Path(__file__).parent / "models" / "shakespeare").resolve()
+
+
+def find(path: str | os.PathLike[str] | None = None, variant: str = "fp32") -> tuple[Path, Path, str | None]:
+    """(model path, onnx_path, expected_sha256 or None): `path`, else $CHARRNN_MODEL, else DEFAULT_MODEL.
+
+    The first one given is used: a wrong path is an error, never a silent switch to another model.
+    """
+    if path is not None:
+        return Path(path), *locate(path, variant)
+    tried = ["model path (none given)"]
+    env = os.environ.get(MODEL_ENV)
+    source = env or DEFAULT_MODEL
+    if not env:
+        tried.append(f"${MODEL_ENV} (not set)")
+    try:
+        return Path(source), *locate(source, variant)
+    except CharrnnError as e:
+        tried.append(f"${MODEL_ENV}={env} ({e})" if env else f"the packaged model ({e})")
+        raise CharrnnError(f"no model to load; tried: {', '.join(tried)}") from None
 
 
 def locate(path, variant="fp32"):

@@ -6,6 +6,8 @@ import time
 
 import click
 
+from . import __version__
+from .bundle import MODEL_ENV
 from .errors import BadInput, Command, cli_errors
 
 EPILOG = ("The prime is printed, then the generated text streams after it. An empty prime starts from "
@@ -15,8 +17,9 @@ EPILOG = ("The prime is printed, then the generated text streams after it. An em
 
 @click.command(cls=Command, help="Generate text from a charrnn model with onnxruntime (numpy + onnxruntime only).",
                epilog=EPILOG)
+@click.version_option(__version__, prog_name="charrnn-run")
 @click.option("--model", "model_path", type=click.Path(), default=None,
-              help="Bundle directory or model.onnx.  [default: the shipped models/shakespeare]")
+              help=f"Bundle directory or model.onnx.  [default: ${MODEL_ENV}, else the packaged Shakespeare model]")
 @click.option("--prime", default="ROMEO: ", show_default=True, help="Text to start from.")
 @click.option("--length", type=int, default=1000, show_default=True, help="Characters to generate.")
 @click.option("--temperature", type=float, default=1.0, show_default=True,

@@ -18,17 +18,21 @@ since, so many clients cost a few wake-ups per second each, not one per characte
 step releases the GIL, so an asyncio server keeps serving while the loop runs.
 """
 
+from __future__ import annotations
+
 import asyncio
 import collections
 import dataclasses
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from .errors import CharrnnError
-from .model import Stepper
+from .model import Model, Stepper
 from .sampling import GumbelNoise, SamplingParams, sample
 
 
@@ -64,14 +68,14 @@ class Request:
         self.wake = asyncio.Event() if loop else threading.Event()
 
     @property
-    def done(self):
+    def done(self) -> bool:
         return self.finish_reason is not None
 
-    def cancel(self):
+    def cancel(self) -> None:
         """Stop generating; the row is freed at the next step (no-op once finished)."""
         self.cancelled = True
 
-    def take(self):
+    def take(self) -> tuple[str, bool]:
         """(new text since the last take, finished?); the finish flag is read first, so no text is lost."""
         done = self.done
         end = len(self.chars)
@@ -80,7 +84,7 @@ class Request:
             raise self.error
         return chunk, done
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         """Chunks of generated text as they come (blocking; for threads, not for asyncio)."""
         while True:
             self.wake.wait()
@@ -91,7 +95,7 @@ class Request:
             if done:
                 return
 
-    def result(self, timeout=None):
+    def result(self, timeout: float | None = None) -> Completion:
         """The Completion, once finished (blocking; for threads, not for asyncio)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done:
@@ -102,14 +106,15 @@ class Request:
             raise self.error
         return self.completion()
 
-    def completion(self):
+    def completion(self) -> Completion:
         return Completion("".join(self.chars), self.finish_reason, self.seed, self.prompt_chars, len(self.chars))
 
 
 class Engine:
     """One thread steps all active requests of `model` as one batch (continuous batching)."""
 
-    def __init__(self, model, max_batch=64, max_waiting=256, max_chars=4096, flush_seconds=0.005):
+    def __init__(self, model: Model, max_batch: int = 64, max_waiting: int = 256, max_chars: int = 4096,
+                 flush_seconds: float = 0.005) -> None:
         for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("max_chars", max_chars)):
             if value < 1:
                 raise CharrnnError(f"{name} must be >= 1, got {value}")
@@ -129,8 +134,9 @@ class Engine:
 
     # -- callers ------------------------------------------------------------------------------------
 
-    def submit(self, prompt, max_chars, temperature=1.0, top_k=None, top_p=None, seed=None, stop=(),
-               streaming=False, loop=None):
+    def submit(self, prompt: str, max_chars: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop: str | Iterable[str] = (),
+               streaming: bool = False, loop: asyncio.AbstractEventLoop | None = None) -> Request:
         """Queue a request (validated here: a CharrnnError names what is wrong); returns its Request."""
         ids = self.model.encode(prompt)
         params = SamplingParams(temperature, top_k, top_p)
@@ -155,7 +161,7 @@ class Engine:
             self.changed.notify()
         return request
 
-    async def stream(self, prompt, max_chars, **options):
+    async def stream(self, prompt: str, max_chars: int, **options: Any) -> AsyncIterator[str]:
         """Yield chunks of generated text; closing the generator (or a cancelled task) cancels the request."""
         request = self.submit(prompt, max_chars, streaming=True, loop=asyncio.get_running_loop(), **options)
         try:
@@ -170,7 +176,7 @@ class Engine:
         finally:
             request.cancel()
 
-    async def generate(self, prompt, max_chars, **options):
+    async def generate(self, prompt: str, max_chars: int, **options: Any) -> Completion:
         """The whole completion; cancelling the awaiting task cancels the request."""
         request = self.submit(prompt, max_chars, loop=asyncio.get_running_loop(), **options)
         try:
@@ -183,14 +189,14 @@ class Engine:
             raise request.error
         return request.completion()
 
-    def metrics(self):
+    def metrics(self) -> dict[str, Any]:
         """Counters since start (requests_total by finish reason, characters, steps, step seconds, rows
         stepped) and gauges (active rows, waiting requests)."""
         with self.changed:
             return {"requests_total": dict(self.finished), **self.counters, "active_rows": len(self.rows),
                     "waiting_requests": len(self.waiting), "max_batch": self.max_batch}
 
-    def drain(self, timeout):
+    def drain(self, timeout: float) -> bool:
         """Refuse new requests, let the ones in flight finish; cancel what remains after `timeout` s.
 
         True when everything finished in time."""
@@ -207,7 +213,7 @@ class Engine:
                 self.changed.wait(remaining)
         return True
 
-    def close(self):
+    def close(self) -> None:
         """Stop the loop; whatever is still queued or running ends as cancelled."""
         with self.changed:
             self.accepting = self.running = False
@@ -215,10 +221,10 @@ class Engine:
         if threading.current_thread() is not self.thread:
             self.thread.join()
 
-    def __enter__(self):
+    def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -230,7 +236,8 @@ class Engine:
                 leaving = [r for r in self.rows if r.done or r.cancelled or not self.running]
                 joining = []
                 while self.running and self.waiting and len(self.rows) - len(leaving) + len(joining) < self.max_batch:
-                    joining.append(self.waiting.popleft())
+                    request = self.waiting.popleft()
+                    (leaving if request.cancelled else joining).append(request)  # cancelled while queued
                 if not self.running:
                     leaving += list(self.waiting)
                     self.waiting.clear()

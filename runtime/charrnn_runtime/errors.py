@@ -1,6 +1,7 @@
 """Errors users can fix, and how every charrnn CLI reports them: exit code 2, one line."""
 
 import contextlib
+import logging
 import os
 import sys
 
@@ -43,3 +44,31 @@ def cli_errors():
 def require_extra(extra, command):
     """Import guard for optional dependencies: say which install fixes it."""
     raise BadInput(f"{command} needs the [{extra}] extra: pip install 'charrnn[{extra}]'")
+
+
+
+@contextlib.contextmanager
+def quiet_tensorflow(verbose=False):
+    """Import TensorFlow inside this: unless verbose, none of its INFO/WARNING lines are printed.
+
+    TF_CPP_MIN_LOG_LEVEL quiets its C++ logging and logger levels its Python logging (tensorflow,
+    absl, tf2onnx), but the lines its libraries print while loading, before absl::InitializeLog,
+    ignore both: stderr points at /dev/null during the import.
+    """
+    if verbose:
+        yield
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("tensorflow", "absl", "tf2onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    sys.stderr.flush()
+    stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(stderr, 2)
+        os.close(stderr)

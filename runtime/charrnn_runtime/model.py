@@ -11,10 +11,14 @@ buffers share memory with numpy arrays, so a step copies nothing; on CUDA the st
 GPU between steps and only the logits cross to the host for sampling.
 """
 
+from __future__ import annotations
+
 import io
 import math
+import os
 import secrets
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +28,9 @@ from .errors import CharrnnError
 from .providers import create_session
 from .sampling import GumbelNoise, SamplingParams, sample
 
+PathLike = str | os.PathLike[str]
+Stop = str | Iterable[str] | None
+
 
 class State:
     """The state tensors {name: [n, size]} and next-character logits [n, vocab] of n streams.
@@ -32,26 +39,26 @@ class State:
     i.e. a uniform first character when there is no prime.
     """
 
-    def __init__(self, arrays, logits):
+    def __init__(self, arrays: dict[str, np.ndarray], logits: np.ndarray) -> None:
         self.arrays, self.logits = dict(arrays), logits
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.logits)
 
-    def select(self, rows):
+    def select(self, rows: Iterable[int] | np.ndarray) -> State:
         """A new state of the given rows (repeat a row to fork it)."""
         rows = np.asarray(rows, dtype=np.int64)
         return State({name: array[rows] for name, array in self.arrays.items()}, self.logits[rows])
 
-    def fork(self, n):
+    def fork(self, n: int) -> State:
         """Each stream repeated n times: prime once, then fan out into n continuations."""
         return self.select(np.repeat(np.arange(len(self)), n))
 
-    def copy(self):
+    def copy(self) -> State:
         return self.select(np.arange(len(self)))
 
     @classmethod
-    def concat(cls, states):
+    def concat(cls, states: Iterable[State]) -> State:
         """One state holding the streams of `states` in order (states of the same model)."""
         states = list(states)
         names = list(states[0].arrays)
@@ -60,14 +67,14 @@ class State:
         return cls({name: np.concatenate([state.arrays[name] for state in states]) for name in names},
                    np.concatenate([state.logits for state in states]))
 
-    def save(self, path):
+    def save(self, path: PathLike) -> None:
         buffer = io.BytesIO()
         np.savez(buffer, logits=self.logits, **self.arrays)
         with files.atomic_path(path) as tmp:
             tmp.write_bytes(buffer.getvalue())
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: PathLike) -> State:
         try:
             with np.load(path) as saved:
                 arrays = {name: saved[name].astype(np.float32) for name in saved.files if name != "logits"}
@@ -118,9 +125,9 @@ class Stepper:
 
 
 class Model:
-    def __init__(self, path=None, provider="auto", variant="fp32", threads=None):
-        self.path = Path(path or bundle.DEFAULT_MODEL)
-        onnx_path, expected = bundle.locate(self.path, variant)
+    def __init__(self, path: PathLike | None = None, provider: str = "auto", variant: str = "fp32",
+                 threads: int | None = None) -> None:
+        self.path, onnx_path, expected = bundle.find(path, variant)
         self.sha256 = bundle.verify(onnx_path, expected)
         self.session, self.provider, self.cpu_reason = create_session(onnx_path, provider, threads)
         self.facts = bundle.read_facts(self.session, onnx_path)
@@ -133,7 +140,7 @@ class Model:
 
     # -- the network -------------------------------------------------------------------------------
 
-    def encode(self, text):
+    def encode(self, text: str) -> np.ndarray:
         unknown = [(i, ch) for i, ch in enumerate(text) if ch not in self.index]
         if unknown:
             shown = ", ".join(f"{ch!r} at {i}" for i, ch in unknown[:10])
@@ -141,11 +148,11 @@ class Model:
             raise CharrnnError(f"characters not in the model's vocabulary: {shown}{more}")
         return np.fromiter((self.index[ch] for ch in text), dtype=np.int32, count=len(text))
 
-    def initial_state(self, n=1):
+    def initial_state(self, n: int = 1) -> State:
         return State({t.input: np.zeros((n, t.size), np.float32) for t in self.state_spec},
                      np.zeros((n, len(self.vocab)), np.float32))
 
-    def check(self, state):
+    def check(self, state: State) -> None:
         """A clear error for a state from another model (e.g. a saved state loaded for the wrong one)."""
         n = len(state)
         needed = {"logits": (n, len(self.vocab)), **{t.input: (n, t.size) for t in self.state_spec}}
@@ -156,14 +163,14 @@ class Model:
             raise CharrnnError(f"state does not fit this model: it has {shapes(given)}; "
                                f"the model needs {shapes(needed)}")
 
-    def step(self, state, chars):
+    def step(self, state: State, chars: Iterable[int] | np.ndarray) -> State:
         """Advance every stream by one character (ids [n]); returns the new state."""
         self.check(state)
         chars = np.asarray(chars, dtype=np.int32).reshape(len(state))
         logits, *arrays = self.session.run(self._outputs, {self.tensors["char"]: chars, **state.arrays})
         return State({t.input: a for t, a in zip(self.state_spec, arrays, strict=True)}, logits)
 
-    def feed(self, state, text):
+    def feed(self, state: State, text: str) -> State:
         """Run `text` through every stream of `state` (teacher-forced); returns the new state."""
         ids = self.encode(text)
         if not len(ids):
@@ -173,7 +180,7 @@ class Model:
             stepper.step(char)
         return stepper.state()
 
-    def score(self, text, window=None):
+    def score(self, text: str, window: int | None = None) -> dict[str, float]:
         """Mean loss (nats) and bits per character of text[1:] given the text before it.
 
         With `window`, the text is cut into windows of window + 1 characters (the remainder is
@@ -203,7 +210,8 @@ class Model:
 
     # -- generation --------------------------------------------------------------------------------
 
-    def generator(self, prime="", num_samples=1, seed=None, state=None, **params):
+    def generator(self, prime: str = "", num_samples: int = 1, seed: int | None = None,
+                  state: State | None = None, **params: Any) -> Generator:
         """A Generator for num_samples streams from `prime` (fed once, then forked)."""
         state = self.feed(state if state is not None else self.initial_state(), prime)
         if num_samples > 1:
@@ -212,16 +220,17 @@ class Model:
             state = state.fork(num_samples)
         return Generator(self, state, SamplingParams(**params), seed)
 
-    def stream(self, prime="", length=1000, stop=None, **options):
+    def stream(self, prime: str = "", length: int = 1000, stop: Stop = None, **options: Any) -> Iterator[str]:
         """Yield generated characters one at a time (the prime is not repeated)."""
         generator = self.generator(prime, **options)
         yield from generator.stream(length, stop)
 
-    def generate(self, prime="", length=1000, stop=None, **options):
+    def generate(self, prime: str = "", length: int = 1000, stop: Stop = None, **options: Any) -> str:
         """Generated text after `prime`: temperature, top_k, top_p, seed, state as in `generator`."""
         return "".join(self.stream(prime, length, stop, **options))
 
-    def generate_batch(self, prime="", length=1000, num_samples=1, stop=None, **options):
+    def generate_batch(self, prime: str = "", length: int = 1000, num_samples: int = 1, stop: Stop = None,
+                       **options: Any) -> list[str]:
         """num_samples texts in one batched loop; row i uses seed + i, equal to generate(seed=seed + i)."""
         return self.generator(prime, num_samples=num_samples, **options).run(length, stop)
 
@@ -229,7 +238,7 @@ class Model:
 class Generator:
     """The sampling loop over a batch of streams, with its state exposed (onnxruntime-genai style)."""
 
-    def __init__(self, model, state, params, seed=None):
+    def __init__(self, model: Model, state: State, params: SamplingParams, seed: int | None = None) -> None:
         if seed is None:
             seed = secrets.randbits(31)
         self.model, self.params, self.seed, self.rows = model, params, seed, len(state)
@@ -237,17 +246,17 @@ class Generator:
         self.noise = GumbelNoise([seed + row for row in range(len(state))], len(model.vocab))
 
     @property
-    def state(self):
+    def state(self) -> State:
         """A snapshot of the streams' state (to save, fork or continue elsewhere)."""
         return self.stepper.state()
 
-    def next_ids(self):
+    def next_ids(self) -> np.ndarray:
         """Sample one character per stream, advance the state, return the ids."""
         ids = sample(self.stepper.logits, self.params, self.noise.next())
         self.stepper.step(ids)
         return ids
 
-    def stream(self, length, stop=None):
+    def stream(self, length: int, stop: Stop = None) -> Iterator[str]:
         """Yield the characters of stream 0 until `length` characters or a stop string (included)."""
         if self.rows != 1:
             raise CharrnnError("stream() generates one stream; use run() for several")
@@ -259,7 +268,7 @@ class Generator:
             if stops and any(text.endswith(s) for s in stops):
                 return
 
-    def run(self, length, stop=None):
+    def run(self, length: int, stop: Stop = None) -> list[str]:
         """Texts of all streams: each ends after `length` characters or its first stop string."""
         stops = _stops(stop)
         steps, texts, done = [], [""] * self.rows, np.zeros(self.rows, bool)
@@ -291,6 +300,7 @@ def _length(length):
     return length
 
 
-def load(path=None, provider="auto", variant="fp32", threads=None):
+def load(path: PathLike | None = None, provider: str = "auto", variant: str = "fp32",
+         threads: int | None = None) -> Model:
     """Load a bundle directory or bare model.onnx (default: the shipped Shakespeare model)."""
     return Model(path, provider, variant, threads)

@@ -1,12 +1,14 @@
 """charrnn-train: train the report's character GRU on any UTF-8 text."""
 
-import os
 import sys
 import time
 
 import click
 
-from charrnn_runtime.errors import Command, cli_errors, require_extra
+from charrnn_runtime import __version__
+from charrnn_runtime.errors import Command, cli_errors, quiet_tensorflow, require_extra
+
+from .config import Config, Run, check_new_run
 
 HELP = """Train a character-level GRU or LSTM network on any UTF-8 text.
 
@@ -17,6 +19,7 @@ model is the epoch with the best validation loss."""
 
 
 @click.command(cls=Command, help=HELP)
+@click.version_option(__version__, prog_name="charrnn-train")
 @click.option("--corpus", type=click.Path(dir_okay=False), default=None,
               help="UTF-8 text file to train on.  [default: the bundled tinyshakespeare.txt]")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the training text.")
@@ -48,20 +51,25 @@ model is the epoch with the best validation loss."""
               help="Run directory to create.  [default: runs/charrnn-YYYYmmdd-HHMMSS]")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue a stopped or killed run from its last completed epoch (other options are ignored).")
-def main(corpus, out, resume, **options):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's own log lines.")
+def main(corpus, out, resume, verbose, **options):
+    with cli_errors():  # bad arguments are reported before TensorFlow is imported (seconds)
+        if resume:
+            run = Run.open(resume)
+        else:
+            config = Config(**options)
+            if corpus:
+                config.corpus = corpus
+            out = out or time.strftime("runs/charrnn-%Y%m%d-%H%M%S")
+            check_new_run(config, out)
     try:
-        from . import train as training
+        with quiet_tensorflow(verbose):
+            from . import train as training
     except ImportError:
         require_extra("train", "charrnn-train")
     with cli_errors():
-        if resume:
-            run = training.Run.open(resume)
-        else:
-            config = training.Config(**options)
-            if corpus:
-                config.corpus = corpus
-            run = training.start(config, out or time.strftime("runs/charrnn-%Y%m%d-%H%M%S"))
+        if not resume:
+            run = training.start(config, out)
         if run.finished and run.model_file.exists():
             click.echo(f"run {run.path} is already complete ({len(run.history)} epochs)", err=True)
         else:

@@ -15,7 +15,7 @@ import numpy as np
 
 from charrnn_runtime.errors import CharrnnError
 
-DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+DEFAULT_CORPUS = (Path(__file__).parent / "corpora" / "tinyshakespeare.txt").resolve()  # corpora: a link to ../data
 
 
 class CorpusError(CharrnnError):

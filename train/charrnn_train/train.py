@@ -15,7 +15,6 @@ so `kill -9` at any moment loses at most the epoch in progress.
 """
 
 import dataclasses
-import json
 import math
 import shutil
 import signal
@@ -30,108 +29,10 @@ from charrnn_runtime import files
 from charrnn_runtime.errors import CharrnnError
 
 from . import data
-from .model import CELLS, build_model, compile_model, learning_rate
+from .config import Config, Run, check_new_run  # noqa: F401 - Config re-exported: train.Config
+from .model import compile_model, learning_rate
 
 LN2 = math.log(2)
-
-
-@dataclasses.dataclass
-class Config:
-    """Defaults are the report's setup."""
-
-    corpus: str = str(data.DEFAULT_CORPUS)
-    epochs: int = 10
-    batch_size: int = 64
-    seq_length: int = 100
-    buffer_size: int = 10_000
-    embedding_dim: int = 256
-    units: int = 1024
-    learning_rate: float = 0.001
-    seed: int = 42
-    validation_fraction: float = 0.0
-    layers: int = 1
-    cell: str = "gru"
-    dropout: float = 0.0
-    early_stopping: int = 0  # patience in epochs; 0 = off
-    lr_schedule: str = "constant"
-    min_learning_rate: float = 0.0  # where the cosine schedule ends
-    clip_norm: float | None = None  # global gradient-norm clipping
-
-    def check(self):
-        for name in ("epochs", "batch_size", "seq_length", "buffer_size", "embedding_dim", "units", "layers"):
-            if getattr(self, name) < 1:
-                raise CharrnnError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
-            raise CharrnnError(f"learning-rate must be positive (a finite number), got {self.learning_rate}")
-        if not 0 <= self.validation_fraction < 1:
-            raise CharrnnError(f"validation-fraction must be in [0, 1), got {self.validation_fraction}")
-        if self.cell not in CELLS:
-            raise CharrnnError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        if not 0 <= self.dropout < 1:
-            raise CharrnnError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.early_stopping < 0:
-            raise CharrnnError(f"early-stopping patience must be >= 0, got {self.early_stopping}")
-        if self.early_stopping and not self.validation_fraction:
-            raise CharrnnError("early-stopping needs a validation split: set --validation-fraction")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise CharrnnError(f"lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
-        if self.lr_schedule == "cosine" and not 0 <= self.min_learning_rate <= self.learning_rate:
-            raise CharrnnError(f"min-learning-rate must be in [0, learning-rate], got {self.min_learning_rate}")
-        if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
-            raise CharrnnError(f"clip-norm must be a positive number, got {self.clip_norm}")
-
-    def build(self, vocab_size):
-        """The untrained network of this config (no optimizer)."""
-        return build_model(vocab_size, self.embedding_dim, self.units, self.layers, self.cell, self.dropout)
-
-
-class Run:
-    """The files of one run directory."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.config_file = self.path / "config.json"
-        self.vocab_file = self.path / "vocab.json"
-        self.history_file = self.path / "history.json"
-        self.checkpoints = self.path / "checkpoints"
-        self.model_file = self.path / "model.keras"
-        self.plot_file = self.path / "loss.png"
-
-    @classmethod
-    def open(cls, path):
-        run = cls(path)
-        if not (run.config_file.is_file() and run.vocab_file.is_file() and run.history_file.is_file()):
-            raise CharrnnError(f"not a charrnn training run (no config.json/vocab.json/history.json): {path}")
-        try:
-            meta = json.loads(run.config_file.read_text())
-            run.config, run.corpus_sha256 = Config(**meta["config"]), meta["corpus_sha256"]
-            run.vocab = json.loads(run.vocab_file.read_text())
-            run.history = json.loads(run.history_file.read_text())
-        except (ValueError, TypeError, KeyError) as e:
-            raise CharrnnError(f"run directory is damaged ({e}): {path}") from None
-        return run
-
-    def checkpoint(self, epoch):
-        return self.checkpoints / f"epoch-{epoch:04d}.keras"
-
-    def best_checkpoint(self, epoch):
-        return self.checkpoints / f"best-{epoch:04d}.keras"
-
-    @property
-    def best_epoch(self):
-        """The completed epoch with the lowest validation loss (None without validation)."""
-        scored = [r for r in self.history if "val_loss" in r]
-        return min(scored, key=lambda r: r["val_loss"])["epoch"] if scored else None
-
-    @property
-    def stopped_early(self):
-        patience = self.config.early_stopping
-        return bool(patience and self.history and self.history[-1]["epoch"] - self.best_epoch >= patience)
-
-    @property
-    def finished(self):
-        """Training is over: every epoch ran, or validation stopped improving for `patience` epochs."""
-        return len(self.history) >= self.config.epochs or self.stopped_early
 
 
 class Progress(keras.callbacks.Callback):
@@ -191,12 +92,8 @@ class StopOnInterrupt(keras.callbacks.Callback):
 
 def start(config, run_dir):
     """Create a new run directory for `config`."""
-    config.check()
+    text = check_new_run(config, run_dir)
     run = Run(run_dir)
-    if run.path.exists() and any(run.path.iterdir()):
-        raise CharrnnError(f"output directory exists and is not empty: {run.path} (use --resume to continue a run)")
-    text = data.read_corpus(config.corpus)
-    data.check_length(len(text), config.seq_length, config.batch_size, config.validation_fraction)
     vocab = data.build_vocab(text)
     config.corpus = str(Path(config.corpus).resolve())
     with files.atomic_directory(run.path) as tmp:  # a run directory is complete or absent
