@@ -4,17 +4,19 @@ import asyncio
 import os
 import socket
 import time
+import warnings
 
 import pytest
 
 ray = pytest.importorskip("ray", reason="needs the [ray] extra")
 import httpx  # noqa: E402
 from conftest import HAS_TF, SHIPPED  # noqa: E402
-from ray import serve  # noqa: E402
 
-from charrnn_serve.ray_app import NAME, deployment  # noqa: E402
+with warnings.catch_warnings():  # Ray Serve's own use of deprecated pydantic features, at import
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ray import serve
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic use
+    from charrnn_serve.ray_app import NAME, deployment
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ import socket
 
 import click
 
+from charrnn_runtime import __version__
+from charrnn_runtime.bundle import MODEL_ENV
 from charrnn_runtime.errors import BadInput, Command, cli_errors, require_extra
 
 EPILOG = ("Concurrent requests share one batched step loop (up to --max-batch rows). Routes: POST "
@@ -14,9 +16,10 @@ EPILOG = ("Concurrent requests share one batched step loop (up to --max-batch ro
 
 
 @click.command(cls=Command, help="Serve a charrnn model over HTTP (OpenAI-compatible completions).", epilog=EPILOG)
+@click.version_option(__version__, prog_name="charrnn-serve")
 @click.option("--model", "model_path", type=click.Path(), default=None,
-              help="Bundle directory or model.onnx; its name is the API's model name.  "
-                   "[default: the shipped models/shakespeare]")
+              help=f"Bundle directory or model.onnx; its name is the API's model name.  "
+                   f"[default: ${MODEL_ENV}, else the packaged Shakespeare model]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="Port to listen on; 0 picks a free one (printed).")

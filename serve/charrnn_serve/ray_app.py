@@ -9,7 +9,6 @@ batch stepping and as many requests ready to take a row the moment one frees.
 
 import signal
 import threading
-from pathlib import Path
 
 from ray import serve
 
@@ -22,8 +21,8 @@ NAME = "charrnn"
 
 
 def deployment(model=None, variant="fp32", provider="auto", max_batch=64, drain_seconds=30.0, replicas=1):
-    """The bound Ray Serve application (pass it to serve.run)."""
-    model = str(Path(model).resolve()) if model else None  # replicas may run elsewhere: an absolute path
+    """The bound Ray Serve application (pass it to serve.run); `model`: a path every node has, or None
+    for each replica's packaged model."""
 
     def build_app():  # runs in each replica's process
         replica = serve.get_replica_context().replica_id.to_full_id_str()  # its actor name
@@ -40,11 +39,12 @@ def run(model, host, port, variant, provider, max_batch, drain_seconds, address,
     """charrnn-serve --ray: deploy, print where, serve until SIGTERM/SIGINT, then shut Serve down."""
     import ray
 
-    bundle.locate(model or bundle.DEFAULT_MODEL, variant)  # a missing model fails here, not in every replica
+    path, _, _ = bundle.find(model, variant)  # a missing model fails here, not in every replica
     ray.init(address=address)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(deployment(model, variant, provider, max_batch, drain_seconds, replicas), name=NAME,
+        # replicas may run on other machines: the same absolute path must hold the model there
+        serve.run(deployment(str(path.resolve()), variant, provider, max_batch, drain_seconds, replicas), name=NAME,
                   route_prefix="/")
         print(f"charrnn-serve: {replicas} replica(s) on Ray at http://{host}:{port}/v1", flush=True)
         stop = threading.Event()
