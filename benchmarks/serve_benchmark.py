@@ -7,7 +7,8 @@ runs that many concurrent clients, each sending completions one after another, s
 until --requests-per-client each or --seconds per level (bounded). Reports aggregate characters/s,
 time to first character (for a non-streaming request: until its whole response), errors, and the
 ratio to the in-process figure at the same batch size: `model.generate` for one client,
-`model.generate_batch(num_samples=clients)` otherwise, measured in this process first.
+`model.generate_batch(num_samples=clients)` otherwise, measured in this process just before each level
+(while the server idles).
 """
 
 import argparse
@@ -46,7 +47,7 @@ def in_process(model, clients, chars):
 
 
 async def load(url, clients, stream, chars, requests_per_client, seconds):
-    """Aggregate chars/s, time-to-first-character list and error count of one load level.
+    """Aggregate chars/s, time-to-first-character list, error count and the cores this client used.
 
     aiohttp, not httpx: httpx's connection pool alone added seconds to the p99 at 64 clients here."""
     deadline = time.perf_counter() + seconds
@@ -82,10 +83,10 @@ async def load(url, clients, stream, chars, requests_per_client, seconds):
 
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), timeout=timeout) as http:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(http, c) for c in range(clients)))
         wall = time.perf_counter() - started
-    return generated[0] / wall, ttfc, errors[0]
+    return generated[0] / wall, ttfc, errors[0], (time.process_time() - cpu) / wall
 
 
 def steps(url):
@@ -126,24 +127,24 @@ def main():
     levels = [int(c) for c in args.clients.split(",")]
 
     model = charrnn_runtime.load(variant=args.variant, provider="cpu")
-    baseline = {clients: in_process(model, clients, args.chars) for clients in levels}
     log = tempfile.NamedTemporaryFile("w", prefix="charrnn-serve-", suffix=".log", delete=False)
     server, url = start_server(args.variant, max(levels), log)
     rows = []
     try:
         asyncio.run(load(url, 4, True, args.chars, 2, args.seconds))  # warm-up: first steps, connections
         for clients in levels:
+            baseline = in_process(model, clients, args.chars)  # just before: this machine's load drifts
             for stream in (False, True):
                 before = steps(url)
-                rate, ttfc, errors = asyncio.run(load(url, clients, stream, args.chars,
+                rate, ttfc, errors, client_cores = asyncio.run(load(url, clients, stream, args.chars,
                                                       max(args.requests_per_client, 20 // clients), args.seconds))
                 after = steps(url)
                 rows.append({"clients": clients, "stream": stream, "chars_per_second": rate,
                              "mean_batch": (after[1] - before[1]) / max(1.0, after[0] - before[0]),
-                             "in_process_chars_per_second": baseline[clients], "ratio": rate / baseline[clients],
+                             "in_process_chars_per_second": baseline, "ratio": rate / baseline,
                              "ttfc_p50_ms": percentile(ttfc, 0.5), "ttfc_p99_ms": percentile(ttfc, 0.99),
-                             "requests": len(ttfc), "errors": errors})
-                print(f"{clients} clients, streaming {stream}: {rate:,.0f} chars/s ({rate / baseline[clients]:.0%}), "
+                             "requests": len(ttfc), "errors": errors, "client_cores": client_cores})
+                print(f"{clients} clients, streaming {stream}: {rate:,.0f} chars/s ({rate / baseline:.0%}), "
                       f"{errors} errors", file=sys.stderr)
     finally:
         server.terminate()
@@ -157,12 +158,13 @@ def main():
 
 def print_table(rows):
     print("| clients | streaming | chars/s | in-process chars/s | ratio | mean batch | TTFC p50 ms | TTFC p99 ms "
-          "| requests | errors |")
-    print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| requests | errors | client CPU |")
+    print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['clients']} | {'yes' if r['stream'] else 'no'} | {r['chars_per_second']:,.0f} | "
               f"{r['in_process_chars_per_second']:,.0f} | {r['ratio']:.0%} | {r['mean_batch']:.1f} | "
-              f"{r['ttfc_p50_ms']:.1f} | {r['ttfc_p99_ms']:.1f} | {r['requests']} | {r['errors']} |")
+              f"{r['ttfc_p50_ms']:.1f} | {r['ttfc_p99_ms']:.1f} | {r['requests']} | {r['errors']} | "
+              f"{r['client_cores']:.0%} |")
 
 
 if __name__ == "__main__":
