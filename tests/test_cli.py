@@ -11,7 +11,7 @@ import charrnn_runtime
 from conftest import SONNETS, assert_one_line_error, fake_run, run_python
 
 COMMANDS = {"charrnn-run": "charrnn_runtime.cli", "charrnn-train": "charrnn_train.cli",
-            "charrnn-export": "charrnn_export.cli"}
+            "charrnn-export": "charrnn_export.cli", "charrnn-serve": "charrnn_serve.cli"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
