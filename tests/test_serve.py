@@ -19,7 +19,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import uvicorn  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from conftest import HAS_TF, SHIPPED, assert_one_line_error  # noqa: E402
+from conftest import HAS_TF, SHIPPED, assert_one_line_error, run_python  # noqa: E402
 from test_engine import random_requests  # noqa: E402
 
 import charrnn_runtime  # noqa: E402
@@ -233,3 +233,17 @@ def test_the_ray_extra_missing_is_named():
     code = "import sys; sys.modules['ray'] = None; from charrnn_serve.cli import main; main(['--ray'])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "pip install 'charrnn[ray]'" in result.stderr
+
+
+def test_the_runtime_never_imports_the_web_stack():
+    code = f"""
+import sys
+import charrnn_runtime
+from charrnn_runtime.engine import Engine
+with Engine(charrnn_runtime.load({str(SHIPPED)!r}, provider="cpu")) as engine:
+    engine.submit("", 5, seed=0).result()
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("fastapi", "starlette", "uvicorn", "ray", "charrnn_serve")))
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
