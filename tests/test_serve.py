@@ -229,10 +229,12 @@ def test_cli_bad_input_is_one_line_and_exit_code_2():
         assert_one_line_error(runner.invoke(cli.main, ["--port", port]), f"cannot listen on 127.0.0.1:{port}")
 
 
-def test_the_ray_extra_missing_is_named():
-    code = "import sys; sys.modules['ray'] = None; from charrnn_serve.cli import main; main(['--ray'])"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "pip install 'charrnn[ray]'" in result.stderr
+@pytest.mark.parametrize("missing, args, install", [("ray", ["--ray"], "'charrnn[ray]'"), ("fastapi", [], "'charrnn[serve]'"),
+                                                    ("onnxruntime", [], "'charrnn[cpu]'")])
+def test_a_missing_extra_is_named(missing, args, install):
+    code = f"import sys; sys.modules[{missing!r}] = None; from charrnn_serve.cli import main; main({args!r})"
+    result = run_python(code)
+    assert result.returncode == 2 and f"pip install {install}" in result.stderr, result.stderr
 
 
 def test_the_runtime_never_imports_the_web_stack():

@@ -51,7 +51,9 @@ def main(model_path, host, port, variant, provider, max_batch, drain_seconds, us
     try:
         from charrnn_runtime import load
         from charrnn_runtime.engine import Engine
-
+    except ImportError:
+        raise BadInput("charrnn-serve needs onnxruntime: pip install 'charrnn[cpu]' (or 'charrnn[gpu]')") from None
+    try:
         from .app import create_app
         from .server import serve
     except ImportError:
