@@ -229,8 +229,8 @@ def test_cli_bad_input_is_one_line_and_exit_code_2():
         assert_one_line_error(runner.invoke(cli.main, ["--port", port]), f"cannot listen on 127.0.0.1:{port}")
 
 
-@pytest.mark.parametrize("missing, args, install", [("ray", ["--ray"], "'charrnn[ray]'"), ("fastapi", [], "'charrnn[serve]'"),
-                                                    ("onnxruntime", [], "'charrnn[cpu]'")])
+@pytest.mark.parametrize("missing, args, install", [
+    ("ray", ["--ray"], "'charrnn[ray]'"), ("fastapi", [], "'charrnn[serve]'"), ("onnxruntime", [], "'charrnn[cpu]'")])
 def test_a_missing_extra_is_named(missing, args, install):
     code = f"import sys; sys.modules[{missing!r}] = None; from charrnn_serve.cli import main; main({args!r})"
     result = run_python(code)
