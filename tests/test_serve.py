@@ -191,7 +191,7 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0():
     server = subprocess.Popen([sys.executable, "-m", "charrnn_serve", "--port", "0", "--drain-seconds", "60"],
                               stderr=subprocess.PIPE, text=True)
     try:
-        url = re.search(r"http://\S+:\d+", server.stderr.readline()).group(0)
+        url = next(found.group(0) for line in server.stderr if (found := re.search(r"http://\S+:\d+", line)))
         for _ in range(100):
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/health").status_code == 200:
