@@ -1,6 +1,7 @@
 """charrnn on Ray Serve: a local Ray, 2 replicas on loopback, one killed and replaced."""
 
 import asyncio
+import json
 import os
 import socket
 import time
@@ -70,3 +71,6 @@ def test_two_replicas_answer_and_a_killed_one_is_replaced(url):
         assert time.monotonic() < deadline, f"no replacement for {victim}: {now}"
         time.sleep(1)
     assert len(replicas_answering(url)) >= 1
+    events = httpx.post(f"{url}/v1/completions", json={"max_tokens": 300, "stream": True}, timeout=60).text
+    chunks = [json.loads(line[6:]) for line in events.splitlines() if line.startswith("data: {")]
+    assert events.rstrip().endswith("data: [DONE]") and sum(len(c["choices"][0]["text"]) for c in chunks) == 300
