@@ -80,10 +80,18 @@ def test_max_batch_bounds_the_rows_and_the_rest_wait_their_turn(model):
 def test_streaming_sends_chunks_not_characters(model):
     with Engine(model, flush_seconds=0.05) as engine:
         async def collect():
-            return [chunk async for chunk in engine.stream("", 1000, seed=5)]
-        chunks = asyncio.run(collect())
-    assert "".join(chunks) == model.generate("", 1000, seed=5)
+            request = engine.stream("", 1000, seed=5)
+            return [chunk async for chunk in request], request.finish_reason
+        chunks, finish_reason = asyncio.run(collect())
+    assert "".join(chunks) == model.generate("", 1000, seed=5) and finish_reason == "length"
     assert len(chunks) < 100
+
+
+def test_a_stream_is_refused_before_it_is_read(engine):
+    async def submit_only():
+        with pytest.raises(CharrnnError, match="top-k"):
+            engine.stream("", 10, top_k=0)
+    asyncio.run(submit_only())
 
 
 def test_threads_use_the_blocking_api(engine, model):
@@ -141,10 +149,9 @@ def test_a_full_queue_refuses_with_busy(model):
 
 def test_closing_a_stream_frees_its_row(engine):
     async def read_a_little():
-        stream = engine.stream("", 1000, seed=1)
-        async for _ in stream:
-            break
-        await stream.aclose()
+        chunks = aiter(engine.stream("", 1000, seed=1))
+        await anext(chunks)
+        await chunks.aclose()
     asyncio.run(read_a_little())
     assert_cancelled_once(engine)
 

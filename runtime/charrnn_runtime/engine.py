@@ -2,7 +2,7 @@
 
     engine = Engine(charrnn_runtime.load(variant="int8"), max_batch=64)
     completion = await engine.generate("ROMEO: ", 200, temperature=0.8, seed=1)   # asyncio
-    async for chunk in engine.stream("JULIET:", 500): ...
+    async for chunk in engine.stream("JULIET:", 500): ...                        # inside a running loop
     request = engine.submit("ROMEO: ", 200); print(request.result().text)      # any thread
 
 Every request is a row of one batch, stepped by one thread. A request joins at the next step and
@@ -85,7 +85,7 @@ class Request:
         return chunk, done
 
     def __iter__(self) -> Iterator[str]:
-        """Chunks of generated text as they come (blocking; for threads, not for asyncio)."""
+        """Chunks of generated text as they come (blocking; for threads)."""
         while True:
             self.wake.wait()
             self.wake.clear()
@@ -94,6 +94,20 @@ class Request:
                 yield chunk
             if done:
                 return
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        """Chunks of generated text as they come (asyncio); leaving the loop early cancels the request."""
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                chunk, done = self.take()
+                if chunk:
+                    yield chunk
+                if done:
+                    return
+        finally:
+            self.cancel()
 
     def result(self, timeout: float | None = None) -> Completion:
         """The Completion, once finished (blocking; for threads, not for asyncio)."""
@@ -161,20 +175,12 @@ class Engine:
             self.changed.notify()
         return request
 
-    async def stream(self, prompt: str, max_chars: int, **options: Any) -> AsyncIterator[str]:
-        """Yield chunks of generated text; closing the generator (or a cancelled task) cancels the request."""
-        request = self.submit(prompt, max_chars, streaming=True, loop=asyncio.get_running_loop(), **options)
-        try:
-            while True:
-                await request.wake.wait()
-                request.wake.clear()
-                chunk, done = request.take()
-                if chunk:
-                    yield chunk
-                if done:
-                    return
-        finally:
-            request.cancel()
+    def stream(self, prompt: str, max_chars: int, **options: Any) -> Request:
+        """Submit at once (errors raise here, before any await) a request to read with `async for`.
+
+        Chunks come as the row produces them; afterwards `finish_reason` says why it ended. Leaving
+        the loop early, or cancelling the reading task, cancels the request and frees its row."""
+        return self.submit(prompt, max_chars, streaming=True, loop=asyncio.get_running_loop(), **options)
 
     async def generate(self, prompt: str, max_chars: int, **options: Any) -> Completion:
         """The whole completion; cancelling the awaiting task cancels the request."""

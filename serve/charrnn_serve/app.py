@@ -112,11 +112,17 @@ async def cancel_all(tasks):
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def finish_reason(text, max_tokens, stops):
-    """What ended a streamed choice (engine.stream yields text only); the Engine's order of checks."""
-    if len(text) >= max_tokens:
-        return "length"
-    return "stop" if any(text.endswith(s) for s in stops) else "cancelled"
+def submit_all(submit, n):
+    """[submit(0), …, submit(n - 1)]; if one is refused, the ones already submitted are cancelled."""
+    requests = []
+    try:
+        for i in range(n):
+            requests.append(submit(i))
+    except CharrnnError:
+        for request in requests:
+            request.cancel()
+        raise
+    return requests
 
 
 class ReplicaHeader:
@@ -194,10 +200,9 @@ def create_app(engine, replica=None, drain_seconds=30.0):
         options = dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, stop=stops)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
-        if body.stream:
-            streams = [engine.stream(prompt, body.max_tokens, seed=seed + i, **options) for i in range(body.n)]
-            return StreamingResponse(await stream_events(head, streams, body.max_tokens, stops),
-                                     media_type="text/event-stream")
+        if body.stream:  # submitted (or refused with a 4xx/503) before the response starts
+            requests = submit_all(lambda i: engine.stream(prompt, body.max_tokens, seed=seed + i, **options), body.n)
+            return StreamingResponse(stream_events(head, requests), media_type="text/event-stream")
         done = await cancel_on_disconnect(request, gather_all_or_none(
             engine.generate(prompt, body.max_tokens, seed=seed + i, **options) for i in range(body.n)))
         generated = sum(c.generated_chars for c in done)
@@ -210,47 +215,37 @@ def create_app(engine, replica=None, drain_seconds=30.0):
     return app
 
 
-async def stream_events(head, streams, max_tokens, stops):
-    """Server-sent events merging the choices' streams; the requests are submitted (and validated,
-    raising a CharrnnError before any byte is sent) by the time this returns.
+async def stream_events(head, requests):
+    """Server-sent events merging the choices' engine requests, ending with [DONE].
 
     Each event carries what a choice's row produced since its last event (the engine coalesces
-    characters), a final event per choice its finish_reason, and the stream ends with [DONE]."""
+    characters), and a final event per choice its finish_reason. Leaving early (the client went
+    away) cancels the requests, which frees their rows."""
     queue = asyncio.Queue()
 
-    async def pump(index, stream):
-        text = ""
+    async def pump(index, request):
         try:
-            async for chunk in stream:
-                text += chunk
+            async for chunk in request:
                 queue.put_nowait((index, chunk, None))
-            queue.put_nowait((index, "", finish_reason(text, max_tokens, stops)))
-        except Exception as e:  # noqa: BLE001 - handed to the response, or raised below before it starts
+            queue.put_nowait((index, "", request.finish_reason))
+        except Exception as e:  # noqa: BLE001 - sent to the client as the stream's last event
             queue.put_nowait((index, None, e))
 
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    await asyncio.sleep(0)  # each pump runs to its first wait: its request is submitted or refused
-    if any(task.done() for task in tasks):  # refused (nothing else finishes without waiting)
+    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, chunk, end = await queue.get()
+            if chunk is None:
+                yield sse({"error": {"message": str(end), "type": "server_error", "param": None, "code": None}})
+                return
+            remaining -= end is not None
+            yield sse({**head, "choices": [{"text": chunk, "index": index, "logprobs": None, "finish_reason": end}]})
+        yield "data: [DONE]\n\n"
+    finally:
+        for request in requests:
+            request.cancel()
         await cancel_all(tasks)
-        raise queue.get_nowait()[2]
-
-    async def events():
-        try:
-            remaining = len(tasks)
-            while remaining:
-                index, chunk, end = await queue.get()
-                if chunk is None:
-                    yield sse({"error": {"message": str(end), "type": "server_error", "param": None, "code": None}})
-                    return
-                remaining -= end is not None
-                yield sse({**head, "choices": [{"text": chunk, "index": index, "logprobs": None,
-                                                "finish_reason": end}]})
-            yield "data: [DONE]\n\n"
-        finally:
-            for task in tasks:
-                task.cancel()  # the client left (or all is sent): free the rows
-
-    return events()
 
 
 PROMETHEUS = [  # (name, type, help, engine metric)
