@@ -100,10 +100,10 @@ def percentile(values, q):
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
-def start_server(variant, max_batch, log):
+def start_server(variant, max_batch, spin, log):
     """charrnn-serve on a free loopback port, its stderr to `log`; (process, base url) once it answers."""
     server = subprocess.Popen([sys.executable, "-m", "charrnn_serve", "--variant", variant, "--port", "0",
-                               "--max-batch", str(max_batch)], stderr=log)
+                               "--max-batch", str(max_batch), "--spin" if spin else "--no-spin"], stderr=log)
     for _ in range(600):
         found = re.search(r"http://\S+:\d+", Path(log.name).read_text())
         try:
@@ -119,6 +119,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="int8", choices=["fp32", "int8"])
     parser.add_argument("--clients", default="1,16,64,256")
+    parser.add_argument("--spin", action="store_true", help="the server's onnxruntime threads spin when idle")
     parser.add_argument("--chars", type=int, default=256, help="max_tokens of every request")
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=30, help="per level: no new requests after this")
@@ -128,7 +129,7 @@ def main():
 
     model = charrnn_runtime.load(variant=args.variant, provider="cpu")
     log = tempfile.NamedTemporaryFile("w", prefix="charrnn-serve-", suffix=".log", delete=False)
-    server, url = start_server(args.variant, max(levels), log)
+    server, url = start_server(args.variant, max(levels), args.spin, log)
     rows = []
     try:
         asyncio.run(load(url, 4, True, args.chars, 2, args.seconds))  # warm-up: first steps, connections
@@ -152,7 +153,7 @@ def main():
         print(f"server log: {log.name}", file=sys.stderr)
     print_table(rows)
     with open(args.json, "w") as f:
-        json.dump({"variant": args.variant, "chars_per_request": args.chars, "machine": platform.platform(),
+        json.dump({"variant": args.variant, "spin": args.spin, "chars_per_request": args.chars, "machine": platform.platform(),
                    "cpus": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows}, f, indent=2)
 
 

@@ -32,7 +32,7 @@ def url(request, tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployment(model, replicas=2, max_batch=16), name=NAME, route_prefix="/")
+        serve.run(deployment(model, engine_options={"max_batch": 16}, replicas=2), name=NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -13,9 +13,10 @@ the text `model.generate` gives with the same seed and settings, whatever else s
 (exactly so for fp32, whose rows do not interact; the int8 variant quantizes each step's
 activations with one scale for the whole batch, so there a neighbour can shift a near-tie).
 
-Streaming consumers are woken at most every `flush_seconds` with everything their row produced
-since, so many clients cost a few wake-ups per second each, not one per character. The onnxruntime
-step releases the GIL, so an asyncio server keeps serving while the loop runs.
+Streaming consumers are woken at most every `flush_seconds` (20 ms) with everything their row
+produced since, so many clients cost tens of wake-ups per second each, not one per character
+(64 streaming HTTP clients on 2 cores kept 41% of the in-process rate at 5 ms, 56% at 20 ms).
+The onnxruntime step releases the GIL, so an asyncio server keeps serving while the loop runs.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class Engine:
     """One thread steps all active requests of `model` as one batch (continuous batching)."""
 
     def __init__(self, model: Model, max_batch: int = 64, max_waiting: int = 256, max_chars: int = 4096,
-                 flush_seconds: float = 0.005) -> None:
+                 flush_seconds: float = 0.02) -> None:
         for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("max_chars", max_chars)):
             if value < 1:
                 raise CharrnnError(f"{name} must be >= 1, got {value}")

@@ -126,10 +126,10 @@ class Stepper:
 
 class Model:
     def __init__(self, path: PathLike | None = None, provider: str = "auto", variant: str = "fp32",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spinning: bool = True) -> None:
         self.path, onnx_path, expected = bundle.find(path, variant)
         self.sha256 = bundle.verify(onnx_path, expected)
-        self.session, self.provider, self.cpu_reason = create_session(onnx_path, provider, threads)
+        self.session, self.provider, self.cpu_reason = create_session(onnx_path, provider, threads, spinning)
         self.facts = bundle.read_facts(self.session, onnx_path)
         self.variant = self.facts.get("variant", variant)
         self.vocab = self.facts["vocab"]
@@ -301,6 +301,9 @@ def _length(length):
 
 
 def load(path: PathLike | None = None, provider: str = "auto", variant: str = "fp32",
-         threads: int | None = None) -> Model:
-    """Load a bundle directory or bare model.onnx (default: the shipped Shakespeare model)."""
-    return Model(path, provider, variant, threads)
+         threads: int | None = None, spinning: bool = True) -> Model:
+    """Load a bundle directory or bare model.onnx (default: the shipped Shakespeare model).
+
+    threads: onnxruntime's intra-op threads (default: one per core); spinning=False lets idle
+    onnxruntime threads sleep, for processes whose other threads need the cores (a server)."""
+    return Model(path, provider, variant, threads, spinning)

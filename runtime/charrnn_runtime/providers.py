@@ -14,11 +14,15 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 CHOICES = ("auto", "cpu", "cuda")
 
 
-def session_options(threads=None):
+def session_options(threads=None, spinning=True):
+    """spinning=False: idle onnxruntime threads sleep instead of spinning, leaving the cores to other
+    threads of the process (a server's event loop); spinning is faster for a lone sampling loop."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # our errors name the cause; ort's warnings would only repeat it
     return options
@@ -49,11 +53,11 @@ def preload_cuda_libraries():
             pass
 
 
-def create_session(model, provider="auto", threads=None):
+def create_session(model, provider="auto", threads=None, spinning=True):
     """(session, provider used: 'cuda' or 'cpu', why CUDA was not used or None)."""
     if provider not in CHOICES:
         raise CharrnnError(f"unknown provider {provider!r}: choose from {', '.join(CHOICES)}")
-    options = session_options(threads)
+    options = session_options(threads, spinning)
     if provider == "cpu" or (provider == "auto" and CUDA not in ort.get_available_providers()):
         return _session(model, options, [CPU]), "cpu", None
 

@@ -30,6 +30,11 @@ EPILOG = ("Concurrent requests share one batched step loop (up to --max-batch ro
               help="onnxruntime provider: cuda fails if CUDA cannot be used (with --ray: one GPU per replica).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
               help="Rows stepped together; more requests wait for a free row.")
+@click.option("--spin/--no-spin", default=True, show_default=True,
+              help="Let idle onnxruntime threads spin (faster on an idle machine) or sleep (--no-spin: better "
+                   "when other processes need the cores).")
+@click.option("--stream-interval", type=click.FloatRange(min=0), default=0.02, show_default=True,
+              help="Seconds between a streaming client's events: each carries what its row produced since.")
 @click.option("--drain-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM, how long requests in flight may take to finish before they are cancelled.")
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Serve (needs the [ray] extra).")
@@ -37,16 +42,19 @@ EPILOG = ("Concurrent requests share one batched step loop (up to --max-batch ro
               help="With --ray: the Ray cluster to join (e.g. 10.0.0.1:6379).  [default: start a local Ray]")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --ray: replicas, each a process with its own model and batch.")
-def main(model_path, host, port, variant, provider, max_batch, drain_seconds, use_ray, address, replicas):
+def main(model_path, host, port, variant, provider, max_batch, spin, stream_interval, drain_seconds, use_ray, address,
+         replicas):
     if not use_ray and (address or replicas != 1):
         raise BadInput("--address and --replicas need --ray")
+    load_options = dict(provider=provider, variant=variant, spinning=spin)
+    engine_options = dict(max_batch=max_batch, flush_seconds=stream_interval)
     if use_ray:
         try:
             from .ray_app import run
         except ImportError:
             require_extra("ray", "charrnn-serve --ray")
         with cli_errors():
-            run(model_path, host, port, variant, provider, max_batch, drain_seconds, address, replicas)
+            run(model_path, host, port, load_options, engine_options, drain_seconds, address, replicas)
         return
     try:
         from charrnn_runtime import load
@@ -59,11 +67,11 @@ def main(model_path, host, port, variant, provider, max_batch, drain_seconds, us
     except ImportError:
         require_extra("serve", "charrnn-serve")
     with cli_errors():
-        model = load(model_path, provider=provider, variant=variant)
+        model = load(model_path, **load_options)
         listening = listen(host, port)
     if model.cpu_reason:
         click.echo(f"note: running on CPU: {model.cpu_reason}", err=True)
-    engine = Engine(model, max_batch=max_batch)
+    engine = Engine(model, **engine_options)
     app = create_app(engine, drain_seconds=drain_seconds)
     host, port = listening.getsockname()[:2]
     click.echo(f"charrnn-serve: {model.path.name} ({model.variant} on {model.provider}, max batch {max_batch}) "

@@ -20,32 +20,33 @@ from .app import create_app
 NAME = "charrnn"
 
 
-def deployment(model=None, variant="fp32", provider="auto", max_batch=64, drain_seconds=30.0, replicas=1):
+def deployment(model=None, load_options=None, engine_options=None, drain_seconds=30.0, replicas=1):
     """The bound Ray Serve application (pass it to serve.run); `model`: a path every node has, or None
-    for each replica's packaged model."""
+    for each replica's packaged model; the options go to charrnn_runtime.load and Engine."""
+    load_options, engine_options = load_options or {}, engine_options or {}
 
     def build_app():  # runs in each replica's process
         replica = serve.get_replica_context().replica_id.to_full_id_str()  # its actor name
-        return create_app(Engine(load(model, provider, variant), max_batch=max_batch), replica, drain_seconds)
+        return create_app(Engine(load(model, **load_options), **engine_options), replica, drain_seconds)
 
     ingress = serve.deployment(
-        serve.ingress(build_app)(), name=NAME, num_replicas=replicas, max_ongoing_requests=2 * max_batch,
-        graceful_shutdown_timeout_s=drain_seconds,
-        ray_actor_options={"num_gpus": 1} if provider == "cuda" else {})
+        serve.ingress(build_app)(), name=NAME, num_replicas=replicas,
+        max_ongoing_requests=2 * engine_options.get("max_batch", 64), graceful_shutdown_timeout_s=drain_seconds,
+        ray_actor_options={"num_gpus": 1} if load_options.get("provider") == "cuda" else {})
     return ingress.bind()
 
 
-def run(model, host, port, variant, provider, max_batch, drain_seconds, address, replicas):
+def run(model, host, port, load_options, engine_options, drain_seconds, address, replicas):
     """charrnn-serve --ray: deploy, print where, serve until SIGTERM/SIGINT, then shut Serve down."""
     import ray
 
-    path, _, _ = bundle.find(model, variant)  # a missing model fails here, not in every replica
+    path, _, _ = bundle.find(model, load_options.get("variant", "fp32"))  # fails here, not in every replica
     ray.init(address=address)
     try:
         serve.start(http_options={"host": host, "port": port})
         # replicas may run on other machines: the same absolute path must hold the model there
-        serve.run(deployment(str(path.resolve()), variant, provider, max_batch, drain_seconds, replicas), name=NAME,
-                  route_prefix="/")
+        serve.run(deployment(str(path.resolve()), load_options, engine_options, drain_seconds, replicas),
+                  name=NAME, route_prefix="/")
         print(f"charrnn-serve: {replicas} replica(s) on Ray at http://{host}:{port}/v1", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
