@@ -119,7 +119,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="int8", choices=["fp32", "int8"])
     parser.add_argument("--clients", default="1,16,64,256")
-    parser.add_argument("--spin", action="store_true", help="the server's onnxruntime threads spin when idle")
+    parser.add_argument("--no-spin", dest="spin", action="store_false",
+                        help="the server's idle onnxruntime threads sleep (charrnn-serve --no-spin)")
     parser.add_argument("--chars", type=int, default=256, help="max_tokens of every request")
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=30, help="per level: no new requests after this")
