@@ -36,7 +36,7 @@ def test_saved_model_and_onnx_match_keras(tiny_bundle, batch):
         assert np.abs(step_through(step, inputs, spec) - reference).max() < 1e-4
 
 
-def test_manifest_records_validation_and_hashes(tiny_bundle):
+def test_manifest_records_validation_and_hashes(tiny_bundle, tiny_run):
     from charrnn_runtime.files import sha256_file
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
@@ -51,6 +51,7 @@ def test_manifest_records_validation_and_hashes(tiny_bundle):
     assert manifest["state"] == [{"input": "hidden", "output": "next_hidden", "size": 32, "layer": 0,
                                   "role": "hidden"}]  # a one-layer GRU keeps the report's cell signature
     assert manifest["training"]["epochs_trained"] == 2 and "loss" in manifest["training"]["final"]
+    assert manifest["training"]["model_epoch"] == manifest["training"]["final"]["epoch"] == tiny_run.best_epoch
 
 
 def test_saved_model_reloads_in_a_fresh_process_at_batch_1_and_64(tiny_bundle):

@@ -10,7 +10,7 @@ import pytest
 
 import charrnn_runtime
 from charrnn_runtime.files import sha256_file
-from conftest import FULL_BUNDLE, SHIPPED, SONNETS, needs_tf
+from conftest import FULL_BUNDLE, ROOT, SHIPPED, SONNETS, needs_tf
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="no shipped model")
 
@@ -91,3 +91,24 @@ def test_greedy_runtime_equals_greedy_saved_model_for_200_characters(model, save
 def test_score_of_held_out_sonnets_is_far_below_uniform(model):
     text = SONNETS.read_text()[:500]
     assert model.score(text)["bits_per_char"] < 3.0 < np.log2(65)
+
+
+STACKED = ROOT / "models" / "shakespeare-gru2x512"
+
+
+@pytest.mark.skipif(not (STACKED / "manifest.json").is_file(), reason="not in a source checkout")
+def test_the_stacked_gru_bundle_is_intact_and_held_its_validation_text_out():
+    manifest = json.loads((STACKED / "manifest.json").read_text())
+    for name, digest in manifest["files"].items():
+        assert sha256_file(STACKED / name) == digest, name
+    assert manifest["network"]["layers"] == [{"cell": "gru", "units": 512}] * 2
+    config = manifest["training"]["config"]
+    assert config["validation_fraction"] == 0.1 and config["layers"] == 2 and config["dropout"] > 0
+    history = json.loads((STACKED / "training" / "history.json").read_text())
+    best = min(history, key=lambda r: r["val_loss"])
+    assert manifest["training"]["model_epoch"] == manifest["training"]["final"]["epoch"] == best["epoch"]
+    assert sum(r["seconds"] for r in history) <= 2 * 3600  # the budget: two hours of training
+    model = charrnn_runtime.load(STACKED, provider="cpu")
+    assert [t.input for t in model.state_spec] == ["hidden_0", "hidden_1"]
+    assert model.score(SONNETS.read_text()[:500])["bits_per_char"] < 3.0
+    assert (STACKED / "sample.txt").read_text().startswith("ROMEO: ")

@@ -67,11 +67,15 @@ class Source:
                                                f"{config.corpus} (seen in training)", "held_out": False}
 
     def training_facts(self):
+        """The run's config and the record of the epoch whose weights are exported ("final"): the best
+        validation epoch when the run had a validation split, else the last."""
         if self.run is None:
             return None
-        last = self.run.history[-1]
-        return {"config": dataclasses.asdict(self.run.config), "epochs_trained": len(self.run.history),
-                "final": {k: v for k, v in last.items() if k != "seconds"}}
+        history, best = self.run.history, self.run.best_epoch
+        exported = history[best - 1] if best else history[-1]
+        return {"config": dataclasses.asdict(self.run.config), "epochs_trained": len(history),
+                "model_epoch": exported["epoch"],
+                "final": {k: v for k, v in exported.items() if k not in ("seconds", "cpu_seconds")}}
 
     def encode(self, text):
         unknown = sorted(set(text) - set(self.vocab))
