@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CharrnnError
-from .model import Model, Stepper
+from .model import Model, State, Stepper
 from .sampling import GumbelNoise, SamplingParams, sample
 
 
@@ -268,11 +268,15 @@ class Engine:
         """New batch membership: drop finished/cancelled rows, add new ones with the initial state."""
         for request in leaving:
             self._finish(request, "cancelled")
-        self._wake(leaving, time.monotonic())
+        for request in joining:
+            self.counters["prompt_chars_total"] += request.prompt_chars
+            if request.max_chars == 0:
+                self._finish(request, "length")
+        started = [r for r in joining if not r.done]
+        self._wake(leaving + [r for r in joining if r.done], time.monotonic())
         gone = {id(r) for r in leaving}
         kept = [i for i, r in enumerate(self.rows) if id(r) not in gone]
         parts = [stepper.state().select(kept)] if stepper is not None and kept else []
-        started = [r for r in joining if not self._finish_if_empty(r)]
         if started:
             parts.append(self.model.initial_state(len(started)))
         for request in started:
@@ -286,15 +290,7 @@ class Engine:
         self.groups = [(params, np.asarray(members)) for params, members in groups.items()]
         if not rows:
             return None
-        return Stepper(self.model, parts[0] if len(parts) == 1 else type(parts[0]).concat(parts))
-
-    def _finish_if_empty(self, request):
-        self.counters["prompt_chars_total"] += request.prompt_chars
-        if request.max_chars == 0:
-            self._finish(request, "length")
-            self._wake([request], time.monotonic())
-            return True
-        return False
+        return Stepper(self.model, State.concat(parts))
 
     def _finish(self, request, reason):
         if request.finish_reason is None:
