@@ -24,6 +24,12 @@ def test_default_architecture_has_the_reports_parameter_counts():
     assert model.count_params() == 4_021_569
 
 
+def test_the_import_light_config_names_the_cells_the_model_builds():
+    from charrnn_train import config, model
+
+    assert config.CELLS == tuple(model.CELLS)
+
+
 def test_stacked_lstm_with_dropout_has_the_expected_layers():
     from charrnn_train.model import build_model
 
