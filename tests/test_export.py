@@ -44,6 +44,9 @@ def test_manifest_records_validation_and_hashes(tiny_bundle, tiny_run):
         assert manifest["validation"][fmt]["max_abs_logit_diff"] <= 1e-4
         assert len(manifest["validation"][fmt]["cases"]) == 4
     assert manifest["validation"]["int8"]["cost_bits_per_char"] < 0.1
+    assert manifest["sampling_loops"] == {"int8": "loop.int8.onnx"}
+    loop = manifest["validation"]["loop"]["int8"]
+    assert loop["identical_chars"] and loop["max_abs_diff"] <= 1e-4 and len(loop["cases"]) == 4
     on_disk = {str(p.relative_to(tiny_bundle)) for p in tiny_bundle.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert all(sha256_file(tiny_bundle / name) == digest for name, digest in manifest["files"].items())
@@ -159,11 +162,36 @@ def test_runtime_only_bundle_leaves_out_the_savedmodel_and_keras_model(tiny_run,
     assert result.exit_code == 0, result.output
     assert "saved_model  max |Δlogit|" in result.output  # still validated
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert sorted(manifest["files"]) == ["model.int8.onnx", "model.onnx", "training/config.json",
+    assert sorted(manifest["files"]) == ["loop.int8.onnx", "model.int8.onnx", "model.onnx", "training/config.json",
                                          "training/history.json", "training/loss.png", "training/vocab.json"]
     assert sorted(str(p.relative_to(tmp_path / "bundle")) for p in (tmp_path / "bundle").rglob("*")
                   if p.is_file()) == sorted([*manifest["files"], "manifest.json"])
     assert charrnn_runtime.load(tmp_path / "bundle").generate("", 10, seed=1)
+
+
+def test_loop_validation_refuses_a_loop_that_draws_differently(tiny_bundle):
+    """The sampling loop is held to the cell it wraps: identical characters, state within tolerance."""
+    import onnx
+    from onnx import numpy_helper
+
+    from charrnn_export import loop
+    from charrnn_export.export import cpu_session, onnx_step
+    from charrnn_export.validate import ValidationFailed
+    from charrnn_runtime.bundle import state_spec
+    from charrnn_train.data import encode, read_corpus
+
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    spec, cell = state_spec(manifest), onnx.load(str(tiny_bundle / "model.int8.onnx"))
+    ids = encode(read_corpus(manifest["training"]["config"]["corpus"])[:2000], manifest["vocab"])
+    step = onnx_step(cpu_session(cell.SerializeToString()), spec)
+    wrapped = loop.wrap(cell, spec, {"char": "char", "logits": "logits"})
+    assert loop.compare(cpu_session(wrapped.SerializeToString()), step, ids, spec, log=lambda line: None)["identical_chars"]
+    body = wrapped.graph.node[0].attribute[0].g
+    bias = next(i for i in body.initializer if numpy_helper.to_array(i).shape == (len(manifest["vocab"]),))
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 3 * np.eye(len(manifest["vocab"]))[5]
+                                          .astype(np.float32), bias.name))  # character 5 favoured
+    with pytest.raises(ValidationFailed, match="sampling loop"):
+        loop.compare(cpu_session(wrapped.SerializeToString()), step, ids, spec, log=lambda line: None)
 
 
 def test_stacked_lstm_exports_every_layers_state(tiny_stacked_lstm_bundle):
@@ -181,6 +209,12 @@ def test_stacked_lstm_exports_every_layers_state(tiny_stacked_lstm_bundle):
     facts = json.loads({p.key: p.value for p in model.metadata_props}["charrnn"])
     assert facts["state"] == manifest["state"] and facts["variant"] == "int8"
     assert [i.name for i in model.graph.input] == ["char", "hidden_0", "cell_0", "hidden_1", "cell_1"]
+    loop = onnx.load(str(tiny_stacked_lstm_bundle / "loop.int8.onnx"))
+    assert [i.name for i in loop.graph.input] == ["steps", "logits", "hidden_0", "cell_0", "hidden_1", "cell_1",
+                                                  "noise", "inv_temperature"]
+    assert [o.name for o in loop.graph.output] == ["next_logits", "next_hidden_0", "next_cell_0", "next_hidden_1",
+                                                   "next_cell_1", "chars"]
+    assert manifest["validation"]["loop"]["int8"]["identical_chars"]
 
 
 def test_bad_sources(tmp_path, tiny_run):

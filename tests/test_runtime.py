@@ -136,6 +136,66 @@ def test_fast_loop_equals_a_naive_step_by_step_loop(model, prime):
     assert all(a.flags.owndata for s in (fed, snapshot) for a in (s.logits, *s.arrays.values()))
 
 
+@pytest.fixture(scope="module")
+def int8_model(model_path):
+    model = charrnn_runtime.load(model_path, provider="cpu", variant="int8")
+    assert model.loop_session is not None  # int8 bundles carry the sampling loop
+    return model
+
+
+def step_by_step(generator):
+    """The same generator without the sampling loop: one session run and one numpy draw per character."""
+    generator.loop, generator.block_size = None, 1
+    return generator
+
+
+@pytest.mark.parametrize("options", [dict(seed=1), dict(seed=2, temperature=0.5), dict(seed=3, temperature=0)])
+def test_sampling_loop_draws_what_the_step_loop_draws(int8_model, prime, options):
+    """The in-graph loop (64 characters per call) against the step-by-step loop, and the state after it."""
+    looped = int8_model.generator(prime, **options)
+    stepped = step_by_step(int8_model.generator(prime, **options))
+    assert looped.block_size == 64
+    assert "".join(looped.stream(150)) == "".join(stepped.stream(150))
+    assert_same_state(looped.state, stepped.state, atol=0)
+    batch = int8_model.generator(prime, num_samples=3, **options)
+    assert batch.run(100) == step_by_step(int8_model.generator(prime, num_samples=3, **options)).run(100)
+
+
+def test_sampling_loop_stops_where_the_step_loop_stops(int8_model, prime):
+    """A stop string or a closed stream mid-block leaves the state just after the last character used."""
+    text = int8_model.generate(prime, 200, seed=5)
+    stop = text[70:72]
+    looped, stepped = int8_model.generator(prime, seed=5), step_by_step(int8_model.generator(prime, seed=5))
+    assert "".join(looped.stream(200, stop)) == "".join(stepped.stream(200, stop))
+    assert_same_state(looped.state, stepped.state, atol=0)
+    assert "".join(looped.stream(100)) == "".join(stepped.stream(100))  # the noise continues in step too
+    streams = looped.stream(200), stepped.stream(200)
+    assert [next(streams[0]) for _ in range(10)] == [next(streams[1]) for _ in range(10)]
+    for stream in streams:
+        stream.close()
+    assert_same_state(looped.state, stepped.state, atol=0)
+    looped = int8_model.generator(prime, num_samples=3, seed=6)
+    stepped = step_by_step(int8_model.generator(prime, num_samples=3, seed=6))
+    assert looped.run(200, stop=[stop, "\n"]) == stepped.run(200, stop=[stop, "\n"])
+    assert_same_state(looped.state, stepped.state, atol=0)
+
+
+def test_top_k_and_top_p_sample_step_by_step(int8_model, prime):
+    assert int8_model.generator(prime, top_k=5).loop is None
+    assert int8_model.generator(prime, top_p=0.9).loop is None
+
+
+def test_a_damaged_sampling_loop_is_refused(model_path, tmp_path, prime):
+    copy = tmp_path / "bundle"
+    shutil.copytree(model_path, copy)
+    loop = copy / json.loads((copy / "manifest.json").read_text())["sampling_loops"]["int8"]
+    loop.write_bytes(loop.read_bytes()[:-10])
+    model = charrnn_runtime.load(copy, provider="cpu", variant="int8")  # the cell is fine
+    with pytest.raises(CharrnnError, match="corrupted"):
+        model.generate(prime, 10)
+    assert model.generate(prime, 10, top_k=3)  # top-k never needs the loop
+
+
 def test_feeding_in_pieces_equals_feeding_at_once(model, prime):
     text = model.generate(prime, 30, seed=1)
     whole = model.feed(model.initial_state(), prime + text)
@@ -337,6 +397,32 @@ def test_cli_onnx_without_or_with_wrong_metadata(model_path, tmp_path):
         entry.key, entry.value = "charrnn", json.dumps({**meta, "state": state})
         onnx.save(model, str(tmp_path / f"{name}.onnx"))
         assert_one_line_error(_run("--model", tmp_path / f"{name}.onnx"), "metadata does not match")
+
+
+@pytest.mark.skipif(not HAS_TF, reason="rewriting ONNX metadata needs onnx")
+def test_format_1_bundles_still_load(tiny_bundle, tmp_path):
+    """Bundles exported before the state list (format 1: one GRU, `hidden` of `units`, no sampling loop)."""
+    import onnx
+
+    from charrnn_runtime.files import sha256_file
+
+    old = tmp_path / "old"
+    old.mkdir()
+    model = onnx.load(str(tiny_bundle / "model.onnx"))
+    facts = json.loads(model.metadata_props[0].value)
+    facts = {"format": "charrnn", "format_version": 1, "vocab": facts["vocab"], "vocab_size": facts["vocab_size"],
+             "units": facts["state"][0]["size"], "initial_state": "zeros",
+             "tensors": {"char": "char", "hidden": "hidden", "logits": "logits", "next_hidden": "next_hidden"}}
+    model.metadata_props[0].value = json.dumps(facts)
+    onnx.save(model, str(old / "model.onnx"))
+    shutil.copy2(tiny_bundle / "model.int8.onnx", old / "model.int8.onnx")
+    files = {name: sha256_file(old / name) for name in ("model.onnx", "model.int8.onnx")}
+    (old / "manifest.json").write_text(json.dumps({**facts, "variants": {"fp32": "model.onnx", "int8": "model.int8.onnx"},
+                                                   "files": files}))
+    for variant in ("fp32", "int8"):
+        loaded, current = (charrnn_runtime.load(path, provider="cpu", variant=variant) for path in (old, tiny_bundle))
+        assert [t.input for t in loaded.state_spec] == ["hidden"] and loaded.loop_session is None
+        assert loaded.generate("", 80, seed=3) == current.generate("", 80, seed=3)
 
 
 def test_cli_cuda_requested_but_unavailable(model_path):

@@ -27,7 +27,8 @@ def model():
 
 def test_manifest_hashes_match_the_files(manifest):
     present = {name for name in manifest["files"] if (SHIPPED / name).is_file()}
-    assert present == (set(manifest["files"]) if FULL_BUNDLE else set(manifest["variants"].values()))
+    packaged = {*manifest["variants"].values(), *manifest["sampling_loops"].values()}
+    assert present == (set(manifest["files"]) if FULL_BUNDLE else packaged)
     for name in present:
         assert sha256_file(SHIPPED / name) == manifest["files"][name], name
 
@@ -38,7 +39,8 @@ def test_load_without_a_path_loads_the_shipped_model(manifest, monkeypatch):
 
 
 def test_it_is_the_reports_model_trained_to_the_reports_loss(manifest, model):
-    assert manifest["vocab_size"] == 65 and manifest["units"] == 1024
+    assert manifest["vocab_size"] == 65 and manifest["network"]["layers"] == [{"cell": "gru", "units": 1024}]
+    assert manifest["parameters"] == 4_021_569
     config = manifest["training"]["config"]
     assert (config["epochs"], config["batch_size"], config["seq_length"], config["embedding_dim"]) == (10, 64, 100, 256)
     assert manifest["training"]["final"]["loss"] <= 1.30

@@ -4,6 +4,7 @@ A bundle is a directory:
     manifest.json     vocabulary, shapes, tensor names, training facts, validation, sha256 of every file
     model.onnx        the single-step cell (fp32); its metadata carries the manifest's facts
     model.int8.onnx   the same cell with int8 weights (onnxruntime dynamic quantization)
+    loop.int8.onnx    the int8 cell in an ONNX Loop that samples K characters per call (loop.py)
     saved_model/      the cell as a TensorFlow SavedModel (serving signature = the step)
     training/         what it was trained with: config, vocabulary, history, loss plot, Keras model
 It is built in a temporary directory and renamed into place only after validation passed.
@@ -30,7 +31,7 @@ from charrnn_runtime.bundle import FORMAT, FORMAT_VERSION, METADATA_KEY, VARIANT
 from charrnn_runtime.errors import CharrnnError
 from charrnn_train.data import encode, held_out_start, read_corpus
 
-from . import validate
+from . import loop, validate
 from .cell import TENSORS, Cell, cell_weights, state_spec, vocab_size
 from .checks import check_out, find_source
 
@@ -205,10 +206,17 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
         facts["validation"]["int8"] = int8_cost(proto.SerializeToString(), str(int8_path), ids, spec)
         log(f"int8         bits/char {facts['validation']['int8']['bits_per_char']:.4f}, cost "
             f"{facts['validation']['int8']['cost_bits_per_char']:+.4f} vs fp32 (held-out: {text_facts['held_out']})")
-        int8 = onnx.load_model(str(int8_path))
-        for variant, model in (("fp32", proto), ("int8", int8)):
+        cells = {"fp32": proto, "int8": onnx.load_model(str(int8_path))}
+        loops = {variant: loop.wrap(cells[variant], spec, TENSORS) for variant in loop.LOOP_VARIANTS}
+        facts["validation"]["loop"] = {variant: loop.compare(
+            cpu_session(model.SerializeToString()), onnx_step(cpu_session(cells[variant].SerializeToString()), spec),
+            ids, spec, tolerance=tolerance, log=log) for variant, model in loops.items()}
+        for variant, model in cells.items():
             set_metadata(model, {**facts, "variant": variant})
             onnx.save_model(model, str(tmp / VARIANTS[variant]))
+        for variant, model in loops.items():
+            set_metadata(model, {**facts, "variant": variant, "sampling_loop": True})
+            onnx.save_model(model, str(tmp / loop.LOOP_VARIANTS[variant]))
 
         if runtime_only:
             shutil.rmtree(tmp / "saved_model")
@@ -218,7 +226,7 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
                 if (source.run.path / name).is_file() and not (runtime_only and name == "model.keras"):
                     shutil.copy2(source.run.path / name, tmp / "training" / name)
 
-        manifest = {**facts, "variants": VARIANTS, "files": {
+        manifest = {**facts, "variants": VARIANTS, "sampling_loops": loop.LOOP_VARIANTS, "files": {
             str(p.relative_to(tmp)): files.sha256_file(p)
             for p in sorted(tmp.rglob("*")) if p.is_file()}}
         files.write_json(tmp / "manifest.json", manifest)

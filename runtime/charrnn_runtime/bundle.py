@@ -20,6 +20,10 @@ FORMAT = "charrnn"
 FORMAT_VERSION = 2
 METADATA_KEY = "charrnn"
 VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+# The sampling loop (the cell in an ONNX Loop, K sampled characters per call): its inputs besides the
+# state tensors, and outputs besides the next state. Bundles list theirs under "sampling_loops".
+LOOP_INPUTS = {"steps": "steps", "logits": "logits", "noise": "noise", "inv_temperature": "inv_temperature"}
+LOOP_OUTPUTS = {"chars": "chars", "logits": "next_logits"}
 MODEL_ENV = "CHARRNN_MODEL"
 # Installed: the runtime part of the shipped bundle, packaged in the wheel. In a source checkout,
 # charrnn_runtime/models links to the repository's models/.
@@ -64,6 +68,30 @@ def locate(path, variant="fp32"):
     except (ValueError, KeyError, TypeError):
         raise CharrnnError(f"damaged manifest.json in {path} (no {variant} model listed)") from None
     return path / name, expected
+
+
+def sampling_loop(path, variant):
+    """(loop_path, expected_sha256) of the bundle's sampling loop for `variant`, or None: bare .onnx
+    files, bundles exported before it, and variants without one."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        name = manifest.get("sampling_loops", {}).get(variant)
+        return None if name is None else (path / name, manifest["files"][name])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CharrnnError(f"damaged manifest.json in {path} (sampling loop of {variant})") from None
+
+
+def check_loop(session, spec, source):
+    """A clear error unless the loop graph has the inputs and outputs the runtime binds."""
+    inputs = {i.name for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    if inputs != {*LOOP_INPUTS.values(), *(t.input for t in spec)} \
+            or outputs != {*LOOP_OUTPUTS.values(), *(t.output for t in spec)}:
+        raise CharrnnError(f"the sampling loop does not fit the model: {source} has inputs {sorted(inputs)}, "
+                           f"outputs {sorted(outputs)}")
 
 
 def verify(onnx_path, expected_sha256):

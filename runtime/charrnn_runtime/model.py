@@ -8,7 +8,9 @@ or hidden + cell per LSTM layer, and the logits for the next character; one row 
 start from `initial_state`, `feed` text, `fork` it, save it, continue it later. Loops (feed,
 score, generation) run through a Stepper, whose onnxruntime IO binding is set up once: on CPU its
 buffers share memory with numpy arrays, so a step copies nothing; on CUDA the state stays on the
-GPU between steps and only the logits cross to the host for sampling.
+GPU between steps and only the logits cross to the host for sampling. Where the bundle has a
+sampling loop (int8 on CPU), plain temperature sampling runs BLOCK characters per onnxruntime call,
+drawing the same characters as the step-by-step loop.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import onnxruntime as ort
 from . import bundle, files
 from .errors import CharrnnError
 from .providers import create_session
-from .sampling import GumbelNoise, SamplingParams, sample
+from .sampling import GumbelNoise, SamplingParams, check_finite, sample
 
 PathLike = str | os.PathLike[str]
 Stop = str | Iterable[str] | None
@@ -118,6 +120,31 @@ class Stepper:
         self.session.run_with_iobinding(self.bindings[self.current])
         self.current ^= 1
 
+    def sample_block(self, loop, noise, inv_temperature):
+        """Sample and feed len(noise) characters per stream in one call of the sampling loop; returns
+        their ids [steps, n]. The state before the block stays in the other buffers (see `undo_block`)."""
+        inputs, outputs = bundle.LOOP_INPUTS, bundle.LOOP_OUTPUTS
+        chars = np.empty(noise.shape[:2], np.int32)
+        self.before_block = (self.current, self.logits.copy())
+        binding = loop.io_binding()
+        binding.bind_cpu_input(inputs["steps"], np.array(len(noise), np.int64))
+        binding.bind_cpu_input(inputs["logits"], self.before_block[1])
+        binding.bind_cpu_input(inputs["noise"], np.ascontiguousarray(noise))
+        binding.bind_cpu_input(inputs["inv_temperature"], np.array(inv_temperature, np.float64))
+        binding.bind_ortvalue_output(outputs["chars"], ort.OrtValue.ortvalue_from_numpy(chars))
+        binding.bind_ortvalue_output(outputs["logits"], ort.OrtValue.ortvalue_from_numpy(self.logits))
+        for t in self.spec:
+            binding.bind_ortvalue_input(t.input, self.buffers[t.input][self.current])
+            binding.bind_ortvalue_output(t.output, self.buffers[t.input][self.current ^ 1])
+        loop.run_with_iobinding(binding)
+        self.current ^= 1
+        return chars
+
+    def undo_block(self):
+        """Back to the state before the last `sample_block` (no step may have run since)."""
+        self.current, logits = self.before_block
+        self.logits[:] = logits
+
     def state(self):
         """A snapshot of the current state (copies: OrtValue.numpy() is a view of the bound buffer)."""
         return State({name: pair[self.current].numpy().copy() for name, pair in self.buffers.items()},
@@ -137,6 +164,20 @@ class Model:
         self.tensors = self.facts["tensors"]
         self.state_spec = bundle.state_spec(self.facts)
         self._outputs = [self.tensors["logits"], *(t.output for t in self.state_spec)]
+        # the sampling loop's session is made on first use: servers and scorers never need it
+        self._loop_file = bundle.sampling_loop(self.path, variant) if self.provider == "cpu" else None
+        self._loop_options, self._loop_session = (threads, spinning), None
+
+    @property
+    def loop_session(self) -> ort.InferenceSession | None:
+        """The bundle's sampling loop (K sampled characters per call) on CPU, or None."""
+        if self._loop_session is None and self._loop_file is not None:
+            loop_path, expected = self._loop_file
+            bundle.verify(loop_path, expected)
+            session, _, _ = create_session(loop_path, "cpu", *self._loop_options)
+            bundle.check_loop(session, self.state_spec, loop_path)
+            self._loop_session = session
+        return self._loop_session
 
     # -- the network -------------------------------------------------------------------------------
 
@@ -236,7 +277,14 @@ class Model:
 
 
 class Generator:
-    """The sampling loop over a batch of streams, with its state exposed (onnxruntime-genai style)."""
+    """The sampling loop over a batch of streams, with its state exposed (onnxruntime-genai style).
+
+    Plain temperature sampling (no top-k/top-p) with a bundle's sampling loop draws BLOCK characters
+    per onnxruntime call; `stream` and `run` hand them out one by one and, when they stop early (a
+    stop string, a closed stream), set the state back to just after the last character used.
+    """
+
+    BLOCK = 64
 
     def __init__(self, model: Model, state: State, params: SamplingParams, seed: int | None = None) -> None:
         if seed is None:
@@ -244,10 +292,14 @@ class Generator:
         self.model, self.params, self.seed, self.rows = model, params, seed, len(state)
         self.stepper = Stepper(model, state)
         self.noise = GumbelNoise([seed + row for row in range(len(state))], len(model.vocab))
+        plain = params.top_k is None and params.top_p is None
+        self.loop = model.loop_session if plain else None
+        self.block_size = self.BLOCK if self.loop is not None else 1
 
     @property
     def state(self) -> State:
-        """A snapshot of the streams' state (to save, fork or continue elsewhere)."""
+        """A snapshot of the streams' state (to save, fork or continue elsewhere). While `stream` or
+        `run` is being consumed it may be up to a block ahead; it is exact once they return or close."""
         return self.stepper.state()
 
     def next_ids(self) -> np.ndarray:
@@ -256,35 +308,72 @@ class Generator:
         self.stepper.step(ids)
         return ids
 
+    def next_block(self, steps: int) -> np.ndarray:
+        """Sample `steps` characters per stream and advance the state: ids [steps, rows]."""
+        if self.loop is None or steps == 1:
+            return np.stack([self.next_ids() for _ in range(steps)])
+        check_finite(self.stepper.logits)
+        self.block_noise = self.noise.take(steps)
+        greedy = self.params.temperature == 0
+        ids = self.stepper.sample_block(self.loop, np.zeros_like(self.block_noise) if greedy else self.block_noise,
+                                        1.0 if greedy else 1.0 / self.params.temperature)
+        check_finite(self.stepper.logits)
+        return ids
+
+    def keep(self, block: np.ndarray, used: int) -> None:
+        """Keep only the first `used` characters of the last `next_block`: the state and the noise
+        continue as if the rest had never been drawn."""
+        if used == len(block):
+            return
+        self.stepper.undo_block()
+        self.noise.put_back(self.block_noise)
+        if used:
+            self.next_block(used)
+
+    def blocks(self, length: int) -> Iterator[np.ndarray]:
+        """ids [steps, rows] blocks adding up to `length` steps."""
+        remaining = _length(length)
+        while remaining:
+            block = self.next_block(min(self.block_size, remaining))
+            remaining -= len(block)
+            yield block
+
     def stream(self, length: int, stop: Stop = None) -> Iterator[str]:
         """Yield the characters of stream 0 until `length` characters or a stop string (included)."""
         if self.rows != 1:
             raise CharrnnError("stream() generates one stream; use run() for several")
         stops, text = _stops(stop), ""
-        for _ in range(_length(length)):
-            char = self.model.vocab[self.next_ids()[0]]
-            text += char
-            yield char
-            if stops and any(text.endswith(s) for s in stops):
-                return
+        for block in self.blocks(length):
+            used = 0
+            try:
+                for char_id in block[:, 0]:
+                    char = self.model.vocab[char_id]
+                    text += char
+                    used += 1
+                    yield char
+                    if stops and any(text.endswith(s) for s in stops):
+                        return
+            finally:
+                self.keep(block, used)
 
     def run(self, length: int, stop: Stop = None) -> list[str]:
         """Texts of all streams: each ends after `length` characters or its first stop string."""
         stops = _stops(stop)
         steps, texts, done = [], [""] * self.rows, np.zeros(self.rows, bool)
-        for _ in range(_length(length)):
-            ids = self.next_ids()
+        for block in self.blocks(length):
             if not stops:
-                steps.append(ids)
+                steps.append(block)
                 continue
-            for row in np.flatnonzero(~done):
-                texts[row] += self.model.vocab[ids[row]]
-                done[row] = any(texts[row].endswith(s) for s in stops)
-            if done.all():
-                break
+            for used, ids in enumerate(block, start=1):
+                for row in np.flatnonzero(~done):
+                    texts[row] += self.model.vocab[ids[row]]
+                    done[row] = any(texts[row].endswith(s) for s in stops)
+                if done.all():
+                    self.keep(block, used)
+                    return texts
         if stops or not steps:
             return texts
-        return ["".join(row) for row in np.asarray(self.model.vocab)[np.stack(steps, axis=1)]]
+        return ["".join(row) for row in np.asarray(self.model.vocab)[np.concatenate(steps).T]]
 
 
 def _stops(stop):

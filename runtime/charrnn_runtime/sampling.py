@@ -54,10 +54,14 @@ def allowed_mask(logits, params):
     return mask
 
 
-def sample(logits, params, noise):
-    """Character ids [n] from logits [n, vocab] and Gumbel noise [n, vocab] (float64)."""
+def check_finite(logits):
     if not np.isfinite(logits).all():
         raise CharrnnError("the model produced non-finite logits (NaN or inf): the model file is broken")
+
+
+def sample(logits, params, noise):
+    """Character ids [n] from logits [n, vocab] and Gumbel noise [n, vocab] (float64)."""
+    check_finite(logits)
     if params.temperature == 0:
         return np.argmax(logits, axis=1)  # the most likely character is inside any top-k/top-p set
     scores = np.multiply(logits, 1.0 / params.temperature, dtype=np.float64)
@@ -72,7 +76,7 @@ class GumbelNoise:
     """Gumbel noise [n, vocab] per step, row i from its own seed, drawn in blocks for speed.
 
     numpy's Generator.random((k, vocab)) continues the same sequence as k draws of (vocab,), so
-    the block size never changes the text.
+    the block size never changes the text. Steps taken but not used can be put back.
     """
 
     BLOCK = 128
@@ -80,14 +84,20 @@ class GumbelNoise:
     def __init__(self, seeds, vocab):
         self.generators = [np.random.default_rng(seed) for seed in seeds]
         self.vocab = vocab
-        self.block = np.empty((0, len(seeds), vocab))
-        self.used = 0
+        self.unused = np.empty((0, len(seeds), vocab))
 
     def next(self):
-        if self.used == len(self.block):
+        return self.take(1)[0]
+
+    def take(self, steps):
+        """Noise of the next `steps` steps: [steps, n, vocab]."""
+        while len(self.unused) < steps:
             uniforms = np.stack([g.random((self.BLOCK, self.vocab)) for g in self.generators], axis=1)
             with np.errstate(divide="ignore"):  # U == 0 gives -inf: that character just cannot win
-                self.block = -np.log(-np.log(uniforms))
-            self.used = 0
-        self.used += 1
-        return self.block[self.used - 1]
+                self.unused = np.concatenate([self.unused, -np.log(-np.log(uniforms))])
+        taken, self.unused = self.unused[:steps], self.unused[steps:]
+        return taken
+
+    def put_back(self, noise):
+        """Return the last steps taken, unused: the next take starts with them."""
+        self.unused = np.concatenate([noise, self.unused])
