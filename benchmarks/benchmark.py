@@ -200,6 +200,10 @@ def main():
         one_thread = charrnn_runtime.load(bundle, provider="cpu", variant=variant, threads=1)
         add(f"(3) runtime cpu {variant}, 1 stream, 1 onnxruntime thread",
             runtime_rate(one_thread, 1, args.chars, args.repeats))
+        if model.loop_session is not None:
+            stepped = charrnn_runtime.load(bundle, provider="cpu", variant=variant, sampling_loop=False)
+            add(f"(3) runtime cpu {variant}, 1 stream, one session run per character (sampling_loop=False)",
+                runtime_rate(stepped, 1, args.chars, args.repeats))
     for variant, model in cpu.items():
         for streams in (16, 64, 256):
             chars = max(50, args.chars // streams * 4)

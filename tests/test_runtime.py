@@ -143,29 +143,31 @@ def int8_model(model_path):
     return model
 
 
-def step_by_step(generator):
-    """The same generator without the sampling loop: one session run and one numpy draw per character."""
-    generator.loop, generator.block_size = None, 1
-    return generator
+@pytest.fixture(scope="module")
+def int8_stepped(model_path):
+    """The same model without the sampling loop: one session run and one numpy draw per character."""
+    model = charrnn_runtime.load(model_path, provider="cpu", variant="int8", sampling_loop=False)
+    assert model.loop_session is None
+    return model
 
 
 @pytest.mark.parametrize("options", [dict(seed=1), dict(seed=2, temperature=0.5), dict(seed=3, temperature=0)])
-def test_sampling_loop_draws_what_the_step_loop_draws(int8_model, prime, options):
+def test_sampling_loop_draws_what_the_step_loop_draws(int8_model, int8_stepped, prime, options):
     """The in-graph loop (64 characters per call) against the step-by-step loop, and the state after it."""
     looped = int8_model.generator(prime, **options)
-    stepped = step_by_step(int8_model.generator(prime, **options))
+    stepped = int8_stepped.generator(prime, **options)
     assert looped.block_size == 64
     assert "".join(looped.stream(150)) == "".join(stepped.stream(150))
     assert_same_state(looped.state, stepped.state, atol=0)
     batch = int8_model.generator(prime, num_samples=3, **options)
-    assert batch.run(100) == step_by_step(int8_model.generator(prime, num_samples=3, **options)).run(100)
+    assert batch.run(100) == int8_stepped.generator(prime, num_samples=3, **options).run(100)
 
 
-def test_sampling_loop_stops_where_the_step_loop_stops(int8_model, prime):
+def test_sampling_loop_stops_where_the_step_loop_stops(int8_model, int8_stepped, prime):
     """A stop string or a closed stream mid-block leaves the state just after the last character used."""
     text = int8_model.generate(prime, 200, seed=5)
     stop = text[70:72]
-    looped, stepped = int8_model.generator(prime, seed=5), step_by_step(int8_model.generator(prime, seed=5))
+    looped, stepped = int8_model.generator(prime, seed=5), int8_stepped.generator(prime, seed=5)
     assert "".join(looped.stream(200, stop)) == "".join(stepped.stream(200, stop))
     assert_same_state(looped.state, stepped.state, atol=0)
     assert "".join(looped.stream(100)) == "".join(stepped.stream(100))  # the noise continues in step too
@@ -175,7 +177,7 @@ def test_sampling_loop_stops_where_the_step_loop_stops(int8_model, prime):
         stream.close()
     assert_same_state(looped.state, stepped.state, atol=0)
     looped = int8_model.generator(prime, num_samples=3, seed=6)
-    stepped = step_by_step(int8_model.generator(prime, num_samples=3, seed=6))
+    stepped = int8_stepped.generator(prime, num_samples=3, seed=6)
     assert looped.run(200, stop=[stop, "\n"]) == stepped.run(200, stop=[stop, "\n"])
     assert_same_state(looped.state, stepped.state, atol=0)
 

@@ -153,7 +153,7 @@ class Stepper:
 
 class Model:
     def __init__(self, path: PathLike | None = None, provider: str = "auto", variant: str = "fp32",
-                 threads: int | None = None, spinning: bool = True) -> None:
+                 threads: int | None = None, spinning: bool = True, sampling_loop: bool = True) -> None:
         self.path, onnx_path, expected = bundle.find(path, variant)
         self.sha256 = bundle.verify(onnx_path, expected)
         self.session, self.provider, self.cpu_reason = create_session(onnx_path, provider, threads, spinning)
@@ -165,7 +165,8 @@ class Model:
         self.state_spec = bundle.state_spec(self.facts)
         self._outputs = [self.tensors["logits"], *(t.output for t in self.state_spec)]
         # the sampling loop's session is made on first use: servers and scorers never need it
-        self._loop_file = bundle.sampling_loop(self.path, variant) if self.provider == "cpu" else None
+        self._loop_file = bundle.sampling_loop(self.path, variant) if sampling_loop and self.provider == "cpu" \
+            else None
         self._loop_options, self._loop_session = (threads, spinning), None
 
     @property
@@ -310,7 +311,9 @@ class Generator:
 
     def next_block(self, steps: int) -> np.ndarray:
         """Sample `steps` characters per stream and advance the state: ids [steps, rows]."""
-        if self.loop is None or steps == 1:
+        if steps == 1:
+            return self.next_ids()[None]
+        if self.loop is None:
             return np.stack([self.next_ids() for _ in range(steps)])
         check_finite(self.stepper.logits)
         self.block_noise = self.noise.take(steps)
@@ -320,7 +323,7 @@ class Generator:
         check_finite(self.stepper.logits)
         return ids
 
-    def keep(self, block: np.ndarray, used: int) -> None:
+    def _keep(self, block: np.ndarray, used: int) -> None:
         """Keep only the first `used` characters of the last `next_block`: the state and the noise
         continue as if the rest had never been drawn."""
         if used == len(block):
@@ -354,7 +357,7 @@ class Generator:
                     if stops and any(text.endswith(s) for s in stops):
                         return
             finally:
-                self.keep(block, used)
+                self._keep(block, used)
 
     def run(self, length: int, stop: Stop = None) -> list[str]:
         """Texts of all streams: each ends after `length` characters or its first stop string."""
@@ -369,7 +372,7 @@ class Generator:
                     texts[row] += self.model.vocab[ids[row]]
                     done[row] = any(texts[row].endswith(s) for s in stops)
                 if done.all():
-                    self.keep(block, used)
+                    self._keep(block, used)
                     return texts
         if stops or not steps:
             return texts
@@ -390,9 +393,11 @@ def _length(length):
 
 
 def load(path: PathLike | None = None, provider: str = "auto", variant: str = "fp32",
-         threads: int | None = None, spinning: bool = True) -> Model:
+         threads: int | None = None, spinning: bool = True, sampling_loop: bool = True) -> Model:
     """Load a bundle directory or bare model.onnx (default: the shipped Shakespeare model).
 
     threads: onnxruntime's intra-op threads (default: one per core); spinning=False lets idle
-    onnxruntime threads sleep, for processes whose other threads need the cores (a server)."""
-    return Model(path, provider, variant, threads, spinning)
+    onnxruntime threads sleep, for processes whose other threads need the cores (a server).
+    sampling_loop=False: never use the bundle's sampling loop, always one session run per character
+    (the same text; `Generator.state` then stays exact while a stream is being consumed)."""
+    return Model(path, provider, variant, threads, spinning, sampling_loop)
