@@ -114,3 +114,15 @@ def test_the_stacked_gru_bundle_is_intact_and_held_its_validation_text_out():
     assert [t.input for t in model.state_spec] == ["hidden_0", "hidden_1"]
     assert model.score(SONNETS.read_text()[:500])["bits_per_char"] < 3.0
     assert (STACKED / "sample.txt").read_text().startswith("ROMEO: ")
+
+
+@pytest.mark.skipif(not (STACKED / "manifest.json").is_file(), reason="not in a source checkout")
+def test_the_stacked_gru_meets_the_held_out_target_under_nanogpts_protocol():
+    """The README's figure, recomputed: the last 10% of Tiny Shakespeare in windows of 256, <= 1.45 nats."""
+    from charrnn_train.data import DEFAULT_CORPUS, held_out_start, read_corpus
+
+    text = read_corpus(DEFAULT_CORPUS)
+    held_out = text[held_out_start(len(text), 0.1):]
+    assert len(held_out) == 111_539
+    loss = charrnn_runtime.load(STACKED, provider="cpu").score(held_out, window=256)["loss"]
+    assert loss <= 1.45 and loss == pytest.approx(1.4467, abs=5e-5)
