@@ -190,6 +190,8 @@ def main():
         print(f"  {name}: {value:,.5g} {unit}", file=sys.stderr, flush=True)
 
     cpu = {variant: charrnn_runtime.load(bundle, provider="cpu", variant=variant) for variant in ("fp32", "int8")}
+    stepped = {variant: charrnn_runtime.load(bundle, provider="cpu", variant=variant, sampling_loop=False)
+               for variant, model in cpu.items() if model.loop_session is not None}  # the same, one run per char
     vocab = cpu["fp32"].vocab
     add("(1) report loop: stateful Keras model + tf.random.categorical",
         report_loop(keras_file, vocab, args.reference_chars, args.repeats))
@@ -200,9 +202,9 @@ def main():
         one_thread = charrnn_runtime.load(bundle, provider="cpu", variant=variant, threads=1)
         add(f"(3) runtime cpu {variant}, 1 stream, 1 onnxruntime thread",
             runtime_rate(one_thread, 1, args.chars, args.repeats))
-        if model.loop_session is not None:
-            stepped = charrnn_runtime.load(bundle, provider="cpu", variant=variant, sampling_loop=False)
-            add(f"(3) runtime cpu {variant}, 1 stream, sampling_loop=False", runtime_rate(stepped, 1, args.chars, args.repeats))
+        if variant in stepped:
+            add(f"(3) runtime cpu {variant}, 1 stream, sampling_loop=False",
+                runtime_rate(stepped[variant], 1, args.chars, args.repeats))
     for variant, model in cpu.items():
         for streams in (16, 64, 256):
             chars = max(50, args.chars // streams * 4)
@@ -229,10 +231,10 @@ def main():
             cli_rate(bundle, variant, args.cli_chars, args.cli_repeats))
         add(f"(8) in-process model.generate {variant}, {args.cli_chars:,} chars",
             median_rate(lambda: model.generate(PRIME, args.cli_chars, seed=1), args.cli_chars, args.cli_repeats))
-        if model.loop_session is not None:
-            stepped = charrnn_runtime.load(bundle, provider="cpu", variant=variant, sampling_loop=False)
+        if variant in stepped:
             add(f"(8) in-process model.generate {variant}, {args.cli_chars:,} chars, sampling_loop=False",
-                median_rate(lambda: stepped.generate(PRIME, args.cli_chars, seed=1), args.cli_chars, args.cli_repeats))
+                median_rate(lambda: stepped[variant].generate(PRIME, args.cli_chars, seed=1), args.cli_chars,
+                            args.cli_repeats))
     if args.training_steps:
         ours, plain = training_step_seconds(ROOT / "train" / "data" / "tinyshakespeare.txt", args.training_steps)
         add("(7) training: charrnn-train", ours, unit="s/step")

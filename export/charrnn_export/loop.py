@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 
 from charrnn_runtime.bundle import LOOP_INPUTS as INPUTS
 from charrnn_runtime.bundle import LOOP_OUTPUTS as OUTPUTS
+from charrnn_runtime.sampling import GumbelNoise, SamplingParams, loop_inputs, sample
 
 from . import validate
 
@@ -83,10 +84,9 @@ def wrap(cell, spec, tensors):
 
 
 def compare(loop_session, cell_step, ids, spec, tolerance=validate.TOLERANCE, log=print):
-    """The loop against the cell stepped in Python with the same noise: the sampled characters must
-    be identical and the final logits and state within `tolerance`. Primed on the validation text,
-    batch 1 and 3, temperature 0.8 and greedy."""
-    rng = np.random.default_rng(0)
+    """The loop against the cell stepped in Python and sampled by the runtime's `sample` with the same
+    noise: the characters must be identical and the final logits and state within `tolerance`. Primed
+    on the validation text, batch 1 and 3, temperature 0.8 and greedy."""
     worst, cases = 0.0, []
     for batch in (1, 3):
         rows = validate.segments(ids, batch, validate.SHORT)
@@ -94,15 +94,13 @@ def compare(loop_session, cell_step, ids, spec, tolerance=validate.TOLERANCE, lo
         for t in range(rows.shape[1]):
             logits, state = cell_step(rows[:, t], state)
         for temperature in (0.8, 0.0):
-            noise = -np.log(-np.log(rng.random((STEPS, batch, len(logits[0])))))
-            if temperature == 0:
-                noise[:] = 0.0
-            inverse = 1.0 / temperature if temperature else 1.0
+            params, noise = SamplingParams(temperature), GumbelNoise(range(batch), len(logits[0])).take(STEPS)
             expected_logits, expected_state, expected = logits, state, []
             for k in range(STEPS):
-                chars = (np.asarray(expected_logits, np.float64) * inverse + noise[k]).argmax(axis=1).astype(np.int32)
+                chars = sample(expected_logits, params, noise[k]).astype(np.int32)
                 expected.append(chars)
                 expected_logits, expected_state = cell_step(chars, expected_state)
+            noise, inverse = loop_inputs(params, noise)
             out = loop_session.run(None, {INPUTS["steps"]: np.array(STEPS, np.int64), INPUTS["logits"]: logits,
                                           **state, INPUTS["noise"]: noise,
                                           INPUTS["inv_temperature"]: np.array(inverse)})

@@ -30,32 +30,42 @@ MODEL_ENV = "CHARRNN_MODEL"
 DEFAULT_MODEL = (Path(__file__).parent / "models" / "shakespeare").resolve()
 
 
-def find(path: str | os.PathLike[str] | None = None, variant: str = "fp32") -> tuple[Path, Path, str | None]:
-    """(model path, onnx_path, expected_sha256 or None): `path`, else $CHARRNN_MODEL, else DEFAULT_MODEL.
+class Located(NamedTuple):
+    """A model's files: the ONNX cell of a variant and, where the bundle has one, its sampling loop,
+    each with the sha256 the manifest expects (None for a bare .onnx file)."""
+
+    path: Path
+    onnx: Path
+    sha256: str | None
+    loop: tuple[Path, str] | None = None
+
+
+def find(path: str | os.PathLike[str] | None = None, variant: str = "fp32") -> Located:
+    """The model at `path`, else $CHARRNN_MODEL, else DEFAULT_MODEL.
 
     The first one given is used: a wrong path is an error, never a silent switch to another model.
     """
     if path is not None:
-        return Path(path), *locate(path, variant)
+        return locate(path, variant)
     tried = ["model path (none given)"]
     env = os.environ.get(MODEL_ENV)
     source = env or DEFAULT_MODEL
     if not env:
         tried.append(f"${MODEL_ENV} (not set)")
     try:
-        return Path(source), *locate(source, variant)
+        return locate(source, variant)
     except CharrnnError as e:
         tried.append(f"${MODEL_ENV}={env} ({e})" if env else f"the packaged model ({e})")
         raise CharrnnError(f"no model to load; tried: {', '.join(tried)}") from None
 
 
 def locate(path, variant="fp32"):
-    """(onnx_path, expected_sha256 or None) for a bundle directory or a bare .onnx file."""
+    """The files of a bundle directory or a bare .onnx file."""
     if variant not in VARIANTS:
         raise CharrnnError(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
     path = Path(path)
     if path.is_file():
-        return path, None
+        return Located(path, path, None)
     if not path.exists():
         raise CharrnnError(f"model not found: {path}")
     manifest_file = path / "manifest.json"
@@ -67,20 +77,10 @@ def locate(path, variant="fp32"):
         raise CharrnnError(f"not a charrnn model bundle (no manifest.json): {path}") from None
     except (ValueError, KeyError, TypeError):
         raise CharrnnError(f"damaged manifest.json in {path} (no {variant} model listed)") from None
-    return path / name, expected
-
-
-def sampling_loop(path, variant):
-    """(loop_path, expected_sha256) of the bundle's sampling loop for `variant`, or None: bare .onnx
-    files, bundles exported before it, and variants without one."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    try:
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        name = manifest.get("sampling_loops", {}).get(variant)
-        return None if name is None else (path / name, manifest["files"][name])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    try:  # bundles exported before the sampling loop, and variants without one, have none
+        loop = manifest.get("sampling_loops", {}).get(variant)
+        return Located(path, path / name, expected, loop and (path / loop, manifest["files"][loop]))
+    except (KeyError, TypeError, AttributeError):
         raise CharrnnError(f"damaged manifest.json in {path} (sampling loop of {variant})") from None
 
 

@@ -28,7 +28,7 @@ import onnxruntime as ort
 from . import bundle, files
 from .errors import CharrnnError
 from .providers import create_session
-from .sampling import GumbelNoise, SamplingParams, check_finite, sample
+from .sampling import GumbelNoise, SamplingParams, check_finite, loop_inputs, sample
 
 PathLike = str | os.PathLike[str]
 Stop = str | Iterable[str] | None
@@ -154,10 +154,10 @@ class Stepper:
 class Model:
     def __init__(self, path: PathLike | None = None, provider: str = "auto", variant: str = "fp32",
                  threads: int | None = None, spinning: bool = True, sampling_loop: bool = True) -> None:
-        self.path, onnx_path, expected = bundle.find(path, variant)
-        self.sha256 = bundle.verify(onnx_path, expected)
-        self.session, self.provider, self.cpu_reason = create_session(onnx_path, provider, threads, spinning)
-        self.facts = bundle.read_facts(self.session, onnx_path)
+        located = bundle.find(path, variant)
+        self.path, self.sha256 = located.path, bundle.verify(located.onnx, located.sha256)
+        self.session, self.provider, self.cpu_reason = create_session(located.onnx, provider, threads, spinning)
+        self.facts = bundle.read_facts(self.session, located.onnx)
         self.variant = self.facts.get("variant", variant)
         self.vocab = self.facts["vocab"]
         self.index = {ch: i for i, ch in enumerate(self.vocab)}
@@ -165,8 +165,7 @@ class Model:
         self.state_spec = bundle.state_spec(self.facts)
         self._outputs = [self.tensors["logits"], *(t.output for t in self.state_spec)]
         # the sampling loop's session is made on first use: servers and scorers never need it
-        self._loop_file = bundle.sampling_loop(self.path, variant) if sampling_loop and self.provider == "cpu" \
-            else None
+        self._loop_file = located.loop if sampling_loop and self.provider == "cpu" else None
         self._loop_options, self._loop_session = (threads, spinning), None
 
     @property
@@ -316,12 +315,9 @@ class Generator:
             return self.next_ids()[None]
         if self.loop is None:
             return np.stack([self.next_ids() for _ in range(steps)])
-        check_finite(self.stepper.logits)
         self.block_noise = self.noise.take(steps)
-        greedy = self.params.temperature == 0
-        ids = self.stepper.sample_block(self.loop, np.zeros_like(self.block_noise) if greedy else self.block_noise,
-                                        1.0 if greedy else 1.0 / self.params.temperature)
-        check_finite(self.stepper.logits)
+        ids = self.stepper.sample_block(self.loop, *loop_inputs(self.params, self.block_noise))
+        check_finite(self.stepper.logits)  # non-finite logits anywhere in the block stay so to its end
         return ids
 
     def _keep(self, block: np.ndarray, used: int) -> None:

@@ -72,6 +72,14 @@ def sample(logits, params, noise):
     return scores.argmax(axis=1)
 
 
+def loop_inputs(params, noise):
+    """(noise, 1/temperature) for the sampling-loop graph, which draws argmax(logits · 1/T + noise):
+    the same draw as `sample` (greedy: no noise). top-k/top-p are not in the graph."""
+    if params.temperature == 0:
+        return np.zeros_like(noise), 1.0
+    return noise, 1.0 / params.temperature
+
+
 class GumbelNoise:
     """Gumbel noise [n, vocab] per step, row i from its own seed, drawn in blocks for speed.
 

@@ -40,7 +40,7 @@ def run(model, host, port, load_options, engine_options, drain_seconds, address,
     """charrnn-serve --ray: deploy, print where, serve until SIGTERM/SIGINT, then shut Serve down."""
     import ray
 
-    path, _, _ = bundle.find(model, load_options.get("variant", "fp32"))  # fails here, not in every replica
+    path = bundle.find(model, load_options.get("variant", "fp32")).path  # fails here, not in every replica
     ray.init(address=address)
     try:
         serve.start(http_options={"host": host, "port": port})
