@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from charrnn_runtime import __version__
-from charrnn_runtime.errors import BadInput, Command, cli_errors, quiet_tensorflow, require_extra
+from charrnn_runtime.command import BadInput, Command, cli_errors, quiet_tensorflow, require_extra
 
 from .checks import check_out, find_source
 

@@ -8,7 +8,7 @@ import click
 
 from . import __version__
 from .bundle import MODEL_ENV
-from .errors import BadInput, Command, cli_errors
+from .command import BadInput, Command, cli_errors
 
 EPILOG = ("The prime is printed, then the generated text streams after it. An empty prime starts from "
           "the zero state with a uniformly drawn first character. Without --seed a random seed is chosen "

@@ -6,7 +6,7 @@ import click
 
 from charrnn_runtime import __version__
 from charrnn_runtime.bundle import MODEL_ENV
-from charrnn_runtime.errors import BadInput, Command, cli_errors, require_extra
+from charrnn_runtime.command import BadInput, Command, cli_errors, require_extra
 
 EPILOG = ("Concurrent requests share one batched step loop (up to --max-batch rows). Routes: POST "
           "/v1/completions (OpenAI's; max_tokens and usage count characters, default max_tokens 256), "

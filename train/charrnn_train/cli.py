@@ -6,7 +6,7 @@ import time
 import click
 
 from charrnn_runtime import __version__
-from charrnn_runtime.errors import Command, cli_errors, quiet_tensorflow, require_extra
+from charrnn_runtime.command import Command, cli_errors, quiet_tensorflow, require_extra
 
 from .config import Config, Run, check_new_run
 
