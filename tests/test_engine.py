@@ -10,6 +10,7 @@ import pytest
 import charrnn_runtime
 from charrnn_runtime import CharrnnError
 from charrnn_runtime.engine import Completion, Engine, EngineBusy
+from charrnn_runtime.stepper import Stepper
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def model(model_path):
 
 @pytest.fixture
 def engine(model):
-    with Engine(model, max_batch=64, max_waiting=256, max_chars=1000) as engine:
+    with Engine(model, max_batch=64, max_waiting=256, max_length=1000) as engine:
         yield engine
 
 
@@ -120,21 +121,24 @@ def test_zero_length_and_a_random_seed_is_reported(engine, model):
     (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0), "top-p"),
     (dict(top_k=0), "top-k"),
-    (dict(max_chars=1001), "max_chars must be an integer in [0, 1000]"),
-    (dict(max_chars=-1), "max_chars"),
-    (dict(max_chars=2.5), "max_chars"),
+    (dict(length=1001), "length must be an integer in [0, 1000]"),
+    (dict(length=-1), "length"),
+    (dict(length=2.5), "length"),
+    (dict(length=True), "length"),
     (dict(stop=[""]), "stop strings"),
     (dict(seed=-4), "seed"),
+    (dict(seed=2**64), "seed"),
 ])
 def test_bad_requests_are_refused_at_once(engine, kwargs, message):
-    call = dict(prompt="", max_chars=10) | kwargs
-    with pytest.raises(CharrnnError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        engine.submit(call.pop("prompt"), call.pop("max_chars"), **call)
+    call = dict(prompt="", length=10) | kwargs
+    with pytest.raises(CharrnnError, match=message.replace("[", r"\[").replace("]", r"\]")) as refused:
+        engine.submit(call.pop("prompt"), call.pop("length"), **call)
+    assert refused.value.param == next(iter(kwargs))  # the field, for the HTTP layer to map
     assert engine.metrics()["waiting_requests"] == 0
 
 
 def test_a_full_queue_refuses_with_busy(model):
-    with Engine(model, max_batch=1, max_waiting=2, max_chars=100_000) as engine:
+    with Engine(model, max_batch=1, max_waiting=2, max_length=100_000) as engine:
         running = engine.submit("", 100_000)
         while engine.metrics()["active_rows"] == 0:
             time.sleep(0.001)
@@ -178,30 +182,29 @@ def assert_cancelled_once(engine):
 
 
 def test_drain_finishes_what_runs_and_refuses_new_requests(model):
-    with Engine(model, max_chars=100_000) as engine:
+    with Engine(model, max_length=100_000) as engine:
         running = engine.submit("", 300, seed=2)
         assert engine.drain(timeout=60)
         assert running.result(timeout=1).text == model.generate("", 300, seed=2)
         with pytest.raises(EngineBusy, match="shutting down"):
             engine.submit("", 5)
-    with Engine(model, max_chars=10_000_000) as engine:
+    with Engine(model, max_length=10_000_000) as engine:
         endless = engine.submit("", 10_000_000)
         assert not engine.drain(timeout=0.2)  # too long to finish: cancelled at the deadline
         assert endless.result(timeout=10).finish_reason == "cancelled"
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(engine, model, monkeypatch):
-    original = engine._sample
-    monkeypatch.setattr(engine, "_sample", lambda *a: (_ for _ in ()).throw(CharrnnError("broken model")))
-    with pytest.raises(CharrnnError, match="broken model"):
-        engine.submit("", 10).result(timeout=10)
-    monkeypatch.setattr(engine, "_sample", original)
+    with monkeypatch.context() as patched:  # a fault injected into the model's step
+        patched.setattr(Stepper, "step", lambda *a: (_ for _ in ()).throw(RuntimeError("broken model")))
+        with pytest.raises(CharrnnError, match="generation failed: broken model"):
+            engine.submit("", 10).result(timeout=10)
     assert engine.submit("", 10, seed=1).result(timeout=10).text == model.generate("", 10, seed=1)
     assert engine.metrics()["requests_total"]["error"] == 1
 
 
 def test_closing_the_engine_cancels_everything(model):
-    engine = Engine(model, max_batch=1, max_chars=10_000_000)
+    engine = Engine(model, max_batch=1, max_length=10_000_000)
     running, queued = engine.submit("", 10_000_000), engine.submit("", 10)
     engine.close()
     assert running.result(timeout=10).finish_reason == queued.result(timeout=10).finish_reason == "cancelled"

@@ -17,7 +17,8 @@ from onnx import TensorProto, helper
 
 from charrnn_runtime.bundle import LOOP_INPUTS as INPUTS
 from charrnn_runtime.bundle import LOOP_OUTPUTS as OUTPUTS
-from charrnn_runtime.sampling import GumbelNoise, SamplingParams, loop_inputs, sample
+from charrnn_runtime.params import SamplingParams
+from charrnn_runtime.sampling import GumbelNoise, loop_inputs, sample
 
 from . import validate
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_API = {"load": "model", "Model": "model", "State": "model", "Generator": "model",
-        "SamplingParams": "sampling", "CharrnnError": "errors", "DEFAULT_MODEL": "bundle",
+_API = {"load": "model", "Model": "model", "State": "state", "Generator": "generator",
+        "SamplingParams": "params", "Sequence": "sequence", "CharrnnError": "errors", "DEFAULT_MODEL": "bundle",
         "Engine": "engine", "EngineBusy": "engine", "Completion": "engine"}
 __all__ = list(_API)
 
@@ -22,8 +22,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see of the lazy API
     from .bundle import DEFAULT_MODEL
     from .engine import Completion, Engine, EngineBusy
     from .errors import CharrnnError
-    from .model import Generator, Model, State, load
-    from .sampling import SamplingParams
+    from .generator import Generator
+    from .model import Model, load
+    from .params import SamplingParams
+    from .sequence import Sequence
+    from .state import State
 
 
 def __getattr__(name):

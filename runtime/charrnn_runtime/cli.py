@@ -8,9 +8,10 @@ import click
 
 from . import __version__
 from .bundle import MODEL_ENV
-from .command import BadInput, Command, cli_errors
+from .command import BadInput, Command, cli_errors, require_onnxruntime
+from .params import MAX_SEED, SamplingParams
 
-EPILOG = ("The prime is printed, then the generated text streams after it. An empty prime starts from "
+EPILOG = ("The prompt is printed, then the generated text streams after it. An empty prompt starts from "
           "the zero state with a uniformly drawn first character. Without --seed a random seed is chosen "
           "and reported (stderr, or --json), so every run can be repeated.")
 
@@ -20,15 +21,18 @@ EPILOG = ("The prime is printed, then the generated text streams after it. An em
 @click.version_option(__version__, prog_name="charrnn-run")
 @click.option("--model", "model_path", type=click.Path(), default=None,
               help=f"Bundle directory or model.onnx.  [default: ${MODEL_ENV}, else the packaged Shakespeare model]")
-@click.option("--prime", default="ROMEO: ", show_default=True, help="Text to start from.")
-@click.option("--length", type=int, default=1000, show_default=True, help="Characters to generate.")
+@click.option("--prompt", "--prime", "prompt", default="ROMEO: ", show_default=True,
+              help="Text to start from (--prime: its old name).")
+@click.option("--length", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Characters to generate (fewer if a stop string comes first).")
 @click.option("--temperature", type=float, default=1.0, show_default=True,
               help="Softmax temperature; 0 = greedy (always the most likely character).")
 @click.option("--top-k", type=int, default=None, help="Sample only from the k most likely characters.  [default: off]")
 @click.option("--top-p", type=float, default=None,
               help="Sample only from the most likely characters holding this much probability.  [default: off]")
-@click.option("--seed", type=int, default=None, help="Random seed; sample i uses seed + i.  [default: random]")
-@click.option("--num-samples", type=int, default=1, show_default=True,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
+              help="Random seed; sample i uses seed + i.  [default: random]")
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Independent samples, generated together in one batched loop.")
 @click.option("--stop", multiple=True, help="Stop a sample after this string (kept in the output). Repeatable.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -37,28 +41,24 @@ EPILOG = ("The prime is printed, then the generated text streams after it. An em
               help="Model weights: fp32, or int8 (faster on CPU, slightly less accurate).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with texts, settings, seeds, "
               "model sha256, provider used and chars/s instead of streaming text.")
-def main(model_path, prime, length, temperature, top_k, top_p, seed, num_samples, stop, provider, variant,
+def main(model_path, prompt, length, temperature, top_k, top_p, seed, num_samples, stop, provider, variant,
          as_json):
     try:
         from .model import load
-    except ImportError:
-        raise BadInput("charrnn-run needs onnxruntime: pip install 'charrnn[cpu]' (or 'charrnn[gpu]')") from None
+    except ImportError as e:
+        require_onnxruntime("charrnn-run", e)
     with cli_errors():
-        if length < 0:
-            raise BadInput(f"--length must be >= 0, got {length}")
-        if num_samples < 1:
-            raise BadInput(f"--num-samples must be >= 1, got {num_samples}")
+        params = SamplingParams(temperature, top_k, top_p, seed, stop, length)
         model = load(model_path, provider=provider, variant=variant)
         if model.cpu_reason:
             click.echo(f"note: running on CPU: {model.cpu_reason}", err=True)
         started = time.perf_counter()
-        generator = model.generator(prime, num_samples=num_samples, seed=seed, temperature=temperature,
-                                    top_k=top_k, top_p=top_p)
-        seeds = [generator.seed + i for i in range(num_samples)]
+        generator = model.generator(prompt, num_samples=num_samples, params=params)
+        seeds = [params.row(i).seed for i in range(num_samples)]
         if as_json or num_samples > 1:
-            texts = generator.run(length, stop)
+            texts = generator.run()
         else:
-            texts = [stream_to_stdout(prime, generator.stream(length, stop))]
+            texts = [stream_to_stdout(prompt, generator.stream())]
         seconds = time.perf_counter() - started
     chars = sum(len(t) for t in texts)
     speed = chars / seconds if seconds > 0 else float("inf")
@@ -66,7 +66,7 @@ def main(model_path, prime, length, temperature, top_k, top_p, seed, num_samples
         click.echo(json.dumps({
             "model": str(model.path), "sha256": model.sha256, "variant": model.variant,
             "provider": model.provider,
-            "settings": {"prime": prime, "length": length, "temperature": temperature, "top_k": top_k,
+            "settings": {"prompt": prompt, "length": length, "temperature": temperature, "top_k": top_k,
                          "top_p": top_p, "stop": list(stop), "num_samples": num_samples},
             "samples": [{"seed": s, "text": t} for s, t in zip(seeds, texts)],
             "chars_per_second": speed, "seconds": seconds,
@@ -75,7 +75,7 @@ def main(model_path, prime, length, temperature, top_k, top_p, seed, num_samples
     if num_samples > 1:
         for i, (s, text) in enumerate(zip(seeds, texts)):
             click.echo(f"{'' if i == 0 else chr(10)}=== sample {i + 1}/{num_samples} (seed {s}) ===")
-            click.echo(prime + text)
+            click.echo(prompt + text)
     click.echo(f"[{chars} chars in {seconds:.2f} s, {speed:,.0f} chars/s on {model.provider} ({model.variant}), "
                f"seed {seeds[0]}]", err=True)
 
@@ -83,14 +83,14 @@ def main(model_path, prime, length, temperature, top_k, top_p, seed, num_samples
 TERMINAL_FLUSH_SECONDS = 0.03
 
 
-def stream_to_stdout(prime, chars):
-    """Print the prime, then each character as it comes; return the generated text.
+def stream_to_stdout(prompt, chars):
+    """Print the prompt, then each character as it comes; return the generated text.
 
     A terminal is flushed at most every TERMINAL_FLUSH_SECONDS (text appears as it is made); a file
     or pipe gets Python's buffered writes and one flush at the end, so the CLI keeps the API's speed.
     """
     out = sys.stdout
-    out.write(prime)
+    out.write(prompt)
     text = []
     if out.isatty():
         last_flush = time.monotonic()

@@ -9,6 +9,7 @@ import sys
 import click
 
 from .errors import CharrnnError
+from .install import pip_install
 
 
 class BadInput(click.ClickException):
@@ -42,7 +43,15 @@ def cli_errors():
 
 def require_extra(extra, command):
     """Import guard for optional dependencies: say which install fixes it."""
-    raise BadInput(f"{command} needs the [{extra}] extra: pip install 'charrnn[{extra}]'")
+    raise BadInput(f"{command} needs the [{extra}] extra: {pip_install(extra)}")
+
+
+def require_onnxruntime(command, error):
+    """Import guard for the runtime's onnxruntime, which [cpu] or [gpu] brings. Any other ImportError
+    is a bug, not a missing install, and is raised as it is."""
+    if not (error.name or "").startswith("onnxruntime"):
+        raise error
+    raise BadInput(f"{command} needs onnxruntime: {pip_install('cpu')} (or [gpu] for CUDA)") from None
 
 
 @contextlib.contextmanager

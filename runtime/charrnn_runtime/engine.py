@@ -1,22 +1,22 @@
 """Continuous batching: concurrent requests share one batched step loop per model.
 
-    engine = Engine(charrnn_runtime.load(variant="int8"), max_batch=64)
+    engine = Engine(charrnn_runtime.load(), max_batch=64)
     completion = await engine.generate("ROMEO: ", 200, temperature=0.8, seed=1)   # asyncio
     async for chunk in engine.stream("JULIET:", 500): ...                        # inside a running loop
     request = engine.submit("ROMEO: ", 200); print(request.result().text)      # any thread
 
-Every request is a row of one batch, stepped by one thread. A request joins at the next step and
-feeds its prompt one character per step (prefill) while the other rows generate; it leaves at its
-length, at its first stop string, or when its caller cancels, and its row is freed at once. Each
-row samples with its own settings and draws its noise from its own seed, so a request's text is
-the text `model.generate` gives with the same seed and settings, whatever else shares the batch
-(exactly so for fp32, whose rows do not interact; the int8 variant quantizes each step's
-activations with one scale for the whole batch, so there a neighbour can shift a near-tie).
+Every request is a Sequence in a row of one batch. `step()` admits and evicts rows, feeds each
+prefilling row its prompt's next character and samples the others (one draw per settings group),
+lets each Sequence accept its character, and steps the model once for the whole batch. A thread
+calls it in a loop (`background=True`, the default); `background=False` leaves stepping to the
+caller, as onnxruntime-genai's Engine does. Each row samples with its own settings and noise, so a
+request's text is `model.generate`'s with the same settings whatever shares the batch (exactly so
+for fp32, whose rows do not interact; the int8 variant quantizes each step's activations with one
+scale for the whole batch, so there a neighbour can shift a near-tie).
 
-Streaming consumers are woken at most every `flush_seconds` (20 ms) with everything their row
-produced since, so many clients cost tens of wake-ups per second each, not one per character
-(64 streaming HTTP clients on 2 cores kept 41% of the in-process rate at 5 ms, 56% at 20 ms).
-The onnxruntime step releases the GIL, so an asyncio server keeps serving while the loop runs.
+Streaming readers are woken at most every `flush_seconds` with everything their row produced
+since, so many clients cost tens of wake-ups per second each, not one per character. The
+onnxruntime step releases the GIL, so an asyncio server keeps serving while the loop runs.
 """
 
 from __future__ import annotations
@@ -24,17 +24,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+import warnings
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
 
 from .errors import CharrnnError
-from .model import Model, State, Stepper
-from .sampling import GumbelNoise, SamplingParams, sample
+from .params import SamplingParams
+from .sampling import sample
+from .sequence import Sequence, Status
+from .state import State
+from .stepper import Stepper
 
 
 class EngineBusy(CharrnnError):
@@ -44,33 +47,36 @@ class EngineBusy(CharrnnError):
 @dataclasses.dataclass(frozen=True)
 class Completion:
     text: str
-    finish_reason: str  # "length", "stop" or "cancelled"
+    finish_reason: str  # "length", "stop", "cancelled" or "error"
     seed: int
     prompt_chars: int
     generated_chars: int
 
 
 class Request:
-    """One submitted generation: its row's progress, and the handle its caller reads from."""
+    """The caller's handle on one submitted Sequence: read it from a thread or from asyncio alike.
 
-    def __init__(self, prompt_ids, max_chars, params, seed, stops, streaming, loop):
-        self.prompt_ids, self.max_chars, self.params, self.seed = prompt_ids, max_chars, params, seed
-        self.stops, self.streaming, self.loop = stops, streaming, loop
-        self.prompt_chars = len(prompt_ids)
-        self.longest_stop = max(map(len, stops), default=0)
-        self.noise = None  # the Gumbel noise of its seed, set up when it joins the batch
-        self.fed = 0  # prompt characters fed so far
-        self.chars = []  # generated characters; appended by the engine thread only
-        self.finish_reason = None
-        self.error = None
+    Iterate (`for` / `async for`) for chunks of text as they come, or wait for the whole
+    Completion (`result()` / `await wait()`). `cancel()` frees the row at the next step.
+    """
+
+    def __init__(self, sequence: Sequence) -> None:
+        self.sequence = sequence
         self.cancelled = False
-        self.read = 0  # characters handed to the caller so far
+        self.streaming = False  # read chunk by chunk: woken every flush interval, not only at the end
+        self.error: Exception | None = None
         self.last_wake = 0.0
-        self.wake = asyncio.Event() if loop else threading.Event()
+        self._read = 0  # characters handed to the reader so far
+        self._changed = threading.Event()
+        self._async_changed: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     @property
     def done(self) -> bool:
-        return self.finish_reason is not None
+        return self.sequence.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.sequence.finish_reason
 
     def cancel(self) -> None:
         """Stop generating; the row is freed at the next step (no-op once finished)."""
@@ -79,92 +85,142 @@ class Request:
     def take(self) -> tuple[str, bool]:
         """(new text since the last take, finished?); the finish flag is read first, so no text is lost."""
         done = self.done
-        end = len(self.chars)
-        chunk, self.read = "".join(self.chars[self.read:end]), end
+        chars = self.sequence.chars
+        end = len(chars)
+        chunk, self._read = "".join(chars[self._read:end]), end
         if done and self.error is not None:
             raise self.error
         return chunk, done
 
+    def completion(self) -> Completion:
+        sequence = self.sequence
+        return Completion(sequence.text, sequence.finish_reason, sequence.params.seed, len(sequence.prompt_ids),
+                          len(sequence.chars))
+
     def __iter__(self) -> Iterator[str]:
-        """Chunks of generated text as they come (blocking; for threads)."""
-        while True:
-            self.wake.wait()
-            self.wake.clear()
+        """Chunks of generated text as they come (blocking)."""
+        self.streaming, done = True, False
+        while not done:
             chunk, done = self.take()
             if chunk:
                 yield chunk
-            if done:
-                return
+            elif not done:
+                self._changed.wait()
+                self._changed.clear()
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        """Chunks of generated text as they come (asyncio); leaving the loop early cancels the request."""
+        """Chunks of generated text as they come; leaving the loop early cancels the request."""
+        self.streaming, done = True, False
+        changed = self._asyncio_event()
         try:
-            while True:
-                await self.wake.wait()
-                self.wake.clear()
+            while not done:
                 chunk, done = self.take()
                 if chunk:
                     yield chunk
-                if done:
-                    return
+                elif not done:
+                    await changed.wait()
+                    changed.clear()
         finally:
             self.cancel()
 
     def result(self, timeout: float | None = None) -> Completion:
-        """The Completion, once finished (blocking; for threads, not for asyncio)."""
+        """The Completion, once finished (blocking)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done:
-            if not self.wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            if not self._changed.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
                 raise TimeoutError("generation did not finish in time")
-            self.wake.clear()
+            self._changed.clear()
+        return self._completed()
+
+    async def wait(self) -> Completion:
+        """The Completion, once finished; cancelling the awaiting task cancels the request."""
+        changed = self._asyncio_event()
+        try:
+            while not self.done:
+                await changed.wait()
+                changed.clear()
+        finally:
+            self.cancel()
+        return self._completed()
+
+    def _completed(self) -> Completion:
         if self.error is not None:
             raise self.error
         return self.completion()
 
-    def completion(self) -> Completion:
-        return Completion("".join(self.chars), self.finish_reason, self.seed, self.prompt_chars, len(self.chars))
+    def _asyncio_event(self) -> asyncio.Event:
+        """An event of the running loop that the engine sets (registered before the caller looks)."""
+        loop = asyncio.get_running_loop()
+        if self._async_changed is None or self._async_changed[0] is not loop:
+            self._async_changed = loop, asyncio.Event()
+        return self._async_changed[1]
+
+    def _wake(self, now: float, by_loop: dict) -> None:
+        self.last_wake = now
+        self._changed.set()
+        if self._async_changed is not None:
+            loop, event = self._async_changed
+            by_loop[loop].append(event)
 
 
 class Engine:
-    """One thread steps all active requests of `model` as one batch (continuous batching)."""
+    """Steps all active requests of `model` as one batch (continuous batching).
 
-    def __init__(self, model: Model, max_batch: int = 64, max_waiting: int = 256, max_chars: int = 4096,
-                 flush_seconds: float = 0.02) -> None:
-        for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("max_chars", max_chars)):
+    max_batch: rows stepped together; max_waiting: requests queued for a row before new ones are
+    refused (EngineBusy); max_length: the longest prompt and the longest generation a request may
+    ask for; background: step in a thread of the engine's own (else call `step()`)."""
+
+    def __init__(self, model, max_batch: int = 64, max_waiting: int = 256, max_length: int = 4096,
+                 flush_seconds: float = 0.02, background: bool = True, **renamed: Any) -> None:
+        if "max_chars" in renamed:
+            warnings.warn("Engine(max_chars=) is deprecated: use max_length=", DeprecationWarning, stacklevel=2)
+            max_length = renamed.pop("max_chars")
+        if renamed:
+            raise TypeError(f"Engine() got unexpected keyword arguments {sorted(renamed)}")
+        for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("max_length", max_length)):
             if value < 1:
-                raise CharrnnError(f"{name} must be >= 1, got {value}")
-        self.model, self.max_batch, self.max_waiting, self.max_chars = model, max_batch, max_waiting, max_chars
-        self.vocab = np.asarray(model.vocab)
+                raise CharrnnError(f"{name} must be >= 1, got {value}", name)
+        self.model, self.max_batch, self.max_waiting, self.max_length = model, max_batch, max_waiting, max_length
         self.flush_seconds = flush_seconds
-        self.waiting = collections.deque()
-        self.rows = []  # the requests in the batch, in row order
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: list[Request] = []  # the requests in the batch, in row order
+        self.stepper: Stepper | None = None  # the batch's state, one row per request
+        self.groups: list[tuple[SamplingParams, np.ndarray]] = []  # rows sampled together, by sampler
         self.accepting = True
         self.running = True
         self.changed = threading.Condition()
         self.counters = collections.Counter(requests_rejected_total=0, prompt_chars_total=0, generated_chars_total=0,
                                             steps_total=0, batch_rows_sum=0, step_seconds_sum=0.0)
         self.finished = collections.Counter()  # by finish reason
-        self.thread = threading.Thread(target=self._loop, name="charrnn-engine", daemon=True)
-        self.thread.start()
+        self.thread = threading.Thread(target=self._run, name="charrnn-engine", daemon=True) if background else None
+        if self.thread is not None:
+            self.thread.start()
+
+    @property
+    def max_chars(self) -> int:
+        """Deprecated name of max_length."""
+        return self.max_length
 
     # -- callers ------------------------------------------------------------------------------------
 
-    def submit(self, prompt: str, max_chars: int, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None, stop: str | Iterable[str] = (),
-               streaming: bool = False, loop: asyncio.AbstractEventLoop | None = None) -> Request:
-        """Queue a request (validated here: a CharrnnError names what is wrong); returns its Request."""
-        ids = self.model.encode(prompt)
-        params = SamplingParams(temperature, top_k, top_p)
-        if isinstance(max_chars, bool) or not isinstance(max_chars, int) or not 0 <= max_chars <= self.max_chars:
-            raise CharrnnError(f"max_chars must be an integer in [0, {self.max_chars}], got {max_chars!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or ())
-        if not all(isinstance(s, str) and s for s in stops):
-            raise CharrnnError("stop strings must be non-empty strings")
-        if seed is None:
-            seed = secrets.randbits(31)
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise CharrnnError(f"seed must be a non-negative integer, got {seed!r}")
-        request = Request(ids, max_chars, params, seed, stops, streaming, loop)
+    def submit(self, prompt: str, length: int | None = None, *, params: SamplingParams | None = None,
+               **settings: Any) -> Request:
+        """Queue a request (validated here: a CharrnnError names the field, `.param`); returns its handle.
+
+        `params`, or its fields as keywords (temperature, top_k, top_p, seed, stop); `length` is the
+        most characters to generate."""
+        if "max_chars" in settings:
+            warnings.warn("submit(max_chars=) is deprecated: use length=", DeprecationWarning, stacklevel=2)
+            length = settings.pop("max_chars")
+        if params is None:
+            params = SamplingParams(length=length, **settings) if length is not None else SamplingParams(**settings)
+        elif length is not None or settings:
+            raise CharrnnError("pass either params or its fields, not both")
+        if params.length > self.max_length:
+            raise CharrnnError(f"length must be an integer in [0, {self.max_length}], got {params.length}", "length")
+        if len(prompt) > self.max_length:
+            raise CharrnnError(f"prompt is longer than {self.max_length} characters", "prompt")
+        request = Request(Sequence(self.model.encode(prompt), params, self.model.vocab))
         with self.changed:
             if not self.accepting:
                 self.counters["requests_rejected_total"] += 1
@@ -176,25 +232,15 @@ class Engine:
             self.changed.notify()
         return request
 
-    def stream(self, prompt: str, max_chars: int, **options: Any) -> Request:
-        """Submit at once (errors raise here, before any await) a request to read with `async for`.
+    def stream(self, prompt: str, length: int | None = None, **options: Any) -> Request:
+        """Submit at once (errors raise here, before any await) a request to read with `async for`."""
+        request = self.submit(prompt, length, **options)
+        request.streaming = True
+        return request
 
-        Chunks come as the row produces them; afterwards `finish_reason` says why it ended. Leaving
-        the loop early, or cancelling the reading task, cancels the request and frees its row."""
-        return self.submit(prompt, max_chars, streaming=True, loop=asyncio.get_running_loop(), **options)
-
-    async def generate(self, prompt: str, max_chars: int, **options: Any) -> Completion:
+    async def generate(self, prompt: str, length: int | None = None, **options: Any) -> Completion:
         """The whole completion; cancelling the awaiting task cancels the request."""
-        request = self.submit(prompt, max_chars, loop=asyncio.get_running_loop(), **options)
-        try:
-            while not request.done:
-                await request.wake.wait()
-                request.wake.clear()
-        finally:
-            request.cancel()
-        if request.error is not None:
-            raise request.error
-        return request.completion()
+        return await self.submit(prompt, length, **options).wait()
 
     def metrics(self) -> dict[str, Any]:
         """Counters since start (requests_total by finish reason, characters, steps, step seconds, rows
@@ -210,22 +256,27 @@ class Engine:
         deadline = time.monotonic() + timeout
         with self.changed:
             self.accepting = False
-            while self.rows or self.waiting:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    for request in (*self.rows, *self.waiting):
-                        request.cancel()
-                    self.changed.notify_all()
-                    return False
-                self.changed.wait(remaining)
+        while self._busy():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._cancel_all()
+                return False
+            if self.thread is None:
+                self.step()
+            else:
+                with self.changed:
+                    if self.rows or self.waiting:
+                        self.changed.wait(remaining)
         return True
 
     def close(self) -> None:
-        """Stop the loop; whatever is still queued or running ends as cancelled."""
+        """Stop stepping; whatever is still queued or running ends as cancelled."""
         with self.changed:
             self.accepting = self.running = False
             self.changed.notify_all()
-        if threading.current_thread() is not self.thread:
+        if self.thread is None:
+            self._cancel_all()
+        elif threading.current_thread() is not self.thread:
             self.thread.join()
 
     def __enter__(self) -> Engine:
@@ -236,110 +287,94 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def _loop(self):
-        stepper = None
+    def step(self) -> int:
+        """One batched step: admit/evict rows, then feed or sample a character for every row, let each
+        Sequence accept it, and step the model. Returns the rows stepped (0: nothing to do).
+
+        A failing step fails the requests in the batch (their readers get the error), not the engine."""
+        with self.changed:
+            self._schedule()
+        if not self.rows:
+            return 0
+        started = time.perf_counter()
+        try:
+            chars, sampled = self._next_chars()
+            self.stepper.step(chars)
+        except Exception as e:  # noqa: BLE001 - the requests' readers get it; the engine serves on
+            self._fail_batch(e if isinstance(e, CharrnnError) else CharrnnError(f"generation failed: {e}"))
+            return len(self.rows)
+        now = time.monotonic()
+        self._wake([r for r in self.rows if r.done or (r.streaming and now - r.last_wake >= self.flush_seconds)], now)
+        counters = self.counters
+        counters["generated_chars_total"] += sampled
+        counters["steps_total"] += 1
+        counters["batch_rows_sum"] += len(self.rows)
+        counters["step_seconds_sum"] += time.perf_counter() - started
+        return len(self.rows)
+
+    def _run(self) -> None:
+        """The background thread: step while there is work, sleep while there is none."""
         while True:
             with self.changed:
-                leaving = [r for r in self.rows if r.done or r.cancelled or not self.running]
-                joining = []
-                while self.running and self.waiting and len(self.rows) - len(leaving) + len(joining) < self.max_batch:
-                    request = self.waiting.popleft()
-                    (leaving if request.cancelled else joining).append(request)  # cancelled while queued
-                if not self.running:
-                    leaving += list(self.waiting)
-                    self.waiting.clear()
-                if leaving or joining:
-                    stepper = self._regroup(stepper, leaving, joining)
-                    self.changed.notify_all()  # for drain()
-                if not self.running:
-                    return
-                if not self.rows:
+                while self.running and not self.rows and not self.waiting:
                     self.changed.wait()
-                    continue
-            try:
-                self._step(stepper)
-            except Exception as e:  # noqa: BLE001 - the callers get the error; the loop keeps serving
-                for request in self.rows:
-                    request.error = e if isinstance(e, CharrnnError) else CharrnnError(f"generation failed: {e}")
-                    self._finish(request, "error")
-                self._wake(self.rows, time.monotonic())
+                if not self.running:
+                    break
+            self.step()
+        self._cancel_all()
 
-    def _regroup(self, stepper, leaving, joining):
-        """New batch membership: drop finished/cancelled rows, add new ones with the initial state."""
+    def _schedule(self, evict_all: bool = False) -> None:
+        """Evict finished and cancelled rows, admit waiting requests into free rows (under the lock);
+        evict_all: take every waiting request off the queue at once (all are cancelled)."""
+        leaving = [r for r in self.rows if r.done or r.cancelled]
+        joining = []
+        while self.waiting and (evict_all or len(self.rows) - len(leaving) + len(joining) < self.max_batch):
+            request = self.waiting.popleft()
+            if not request.cancelled:
+                request.sequence.start()
+                self.counters["prompt_chars_total"] += len(request.sequence.prompt_ids)
+                if request.done:  # nothing to generate
+                    self.finished[request.finish_reason] += 1
+            (leaving if request.cancelled or request.done else joining).append(request)
+        if not leaving and not joining:
+            return
         for request in leaving:
-            self._finish(request, "cancelled")
-        for request in joining:
-            self.counters["prompt_chars_total"] += request.prompt_chars
-            if request.max_chars == 0:
-                self._finish(request, "length")
-        started = [r for r in joining if not r.done]
-        self._wake(leaving + [r for r in joining if r.done], time.monotonic())
+            self._finish(request, "cancelled")  # no-op for those that finished by themselves
         gone = {id(r) for r in leaving}
         kept = [i for i, r in enumerate(self.rows) if id(r) not in gone]
-        parts = [stepper.state().select(kept)] if stepper is not None and kept else []
-        if started:
-            parts.append(self.model.initial_state(len(started)))
-        for request in started:
-            request.noise = GumbelNoise([request.seed], len(self.model.vocab))
-        self.rows = rows = [self.rows[i] for i in kept] + started
-        self.all_rows = np.arange(len(rows))
-        self.prefilling = sum(r.fed < r.prompt_chars for r in rows)
+        parts = [self.stepper.state().select(kept)] if kept else []
+        if joining:
+            parts.append(self.model.initial_state(len(joining)))
+        self.rows = [self.rows[i] for i in kept] + joining
+        self.stepper = Stepper(self.model, State.concat(parts)) if self.rows else None
         groups = collections.defaultdict(list)
-        for i, request in enumerate(rows):
-            groups[request.params].append(i)
-        self.groups = [(params, np.asarray(members)) for params, members in groups.items()]
-        if not rows:
-            return None
-        return Stepper(self.model, State.concat(parts))
+        for i, request in enumerate(self.rows):
+            groups[request.sequence.params.sampler].append(i)
+        self.groups = [(self.rows[members[0]].sequence.params, np.asarray(members)) for members in groups.values()]
+        self._wake(leaving, time.monotonic())
+        self.changed.notify_all()  # for drain()
 
-    def _finish(self, request, reason):
-        if request.finish_reason is None:
-            request.finish_reason = reason
-            self.finished[reason] += 1
-
-    def _step(self, stepper):
-        """Sample for the rows past their prompt, then advance every row by one character."""
-        started = time.perf_counter()
+    def _next_chars(self) -> tuple[np.ndarray, int]:
+        """Each row's next character: its prompt's while prefilling, else a sample it accepts.
+        Returns the characters and how many were sampled."""
         rows = self.rows
-        if self.prefilling:  # rows still feeding their prompt take its next character instead of a sample
-            chars = np.empty(len(rows), np.int32)
-            generating = np.ones(len(rows), bool)
-            for i, request in enumerate(rows):
-                if request.fed < request.prompt_chars:
-                    chars[i] = request.prompt_ids[request.fed]
-                    request.fed += 1
-                    generating[i] = False
-                    self.prefilling -= request.fed == request.prompt_chars
-            sampled = np.flatnonzero(generating)
-            chars[sampled] = self._sample(stepper.logits, sampled)
-        else:
-            sampled = self.all_rows
-            chars = self._sample(stepper.logits, sampled)
-        now = time.monotonic()
-        woken = []
-        for request, char in zip([rows[i] for i in sampled], self.vocab[chars[sampled]].tolist()):
-            request.chars.append(char)
-            if len(request.chars) >= request.max_chars:
-                self._finish(request, "length")
-            elif request.stops:
-                text = "".join(request.chars[-request.longest_stop:])
-                if any(text.endswith(s) for s in request.stops):
-                    self._finish(request, "stop")
-            if request.finish_reason or (request.streaming and now - request.last_wake >= self.flush_seconds):
-                woken.append(request)
-        stepper.step(chars)
-        self._wake(woken, now)
-        counters = self.counters
-        counters["generated_chars_total"] += len(sampled)
-        counters["steps_total"] += 1
-        counters["batch_rows_sum"] += len(rows)
-        counters["step_seconds_sum"] += time.perf_counter() - started
+        generating = np.fromiter((r.sequence.status is Status.GENERATING for r in rows), bool, len(rows))
+        chars = np.empty(len(rows), np.int32)
+        for i in np.flatnonzero(~generating):
+            chars[i] = rows[i].sequence.next_prompt_id()
+        sampled = np.flatnonzero(generating)
+        chars[sampled] = self._sample(sampled)
+        for i, char in zip(sampled.tolist(), chars[sampled].tolist()):
+            if rows[i].sequence.accept(char):
+                self.finished[rows[i].finish_reason] += 1
+        return chars, len(sampled)
 
-    def _sample(self, logits, rows):
+    def _sample(self, rows: np.ndarray) -> np.ndarray:
         """Next characters of `rows` (indices), each with its own settings and its own seed's noise."""
         if not len(rows):
             return np.empty(0, np.int32)
-        noise = np.concatenate([self.rows[i].noise.next() for i in rows])
+        logits = self.stepper.logits
+        noise = np.concatenate([self.rows[i].sequence.noise.next() for i in rows])
         if len(self.groups) == 1:
             return sample(logits[rows], self.groups[0][0], noise)
         ids = np.empty(len(rows), np.int32)
@@ -350,22 +385,43 @@ class Engine:
             ids[position[members]] = sample(logits[members], params, noise[position[members]])
         return ids
 
-    def _wake(self, requests, now):
-        """Wake the callers of `requests`: one event-loop call per loop, not one per request."""
+    def _finish(self, request: Request, reason: str) -> None:
+        if not request.done:
+            request.sequence.finish(reason)
+            self.finished[reason] += 1
+
+    def _fail_batch(self, error: CharrnnError) -> None:
+        for request in self.rows:
+            request.error = error
+            self._finish(request, "error")
+        self._wake(self.rows, time.monotonic())
+
+    def _busy(self) -> bool:
+        with self.changed:
+            return bool(self.rows or self.waiting)
+
+    def _cancel_all(self) -> None:
+        """End everything queued or running as cancelled (the engine closes or a drain timed out).
+        With a thread, the thread evicts them at its next step (it may be stepping them now)."""
+        with self.changed:
+            for request in (*self.rows, *self.waiting):
+                request.cancel()
+            if self.thread is None or threading.current_thread() is self.thread:
+                self._schedule(evict_all=True)
+            self.changed.notify_all()
+
+    def _wake(self, requests: list[Request], now: float) -> None:
+        """Wake the readers of `requests`: one event-loop call per loop, not one per request."""
         by_loop = collections.defaultdict(list)
         for request in requests:
-            request.last_wake = now
-            if request.loop is None:
-                request.wake.set()
-            else:
-                by_loop[request.loop].append(request.wake)
+            request._wake(now, by_loop)
         for loop, events in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_set_all, events)
-            except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
+            except RuntimeError:  # the reader's event loop is closed: nobody is waiting any more
                 pass
 
 
-def _set_all(events):
+def _set_all(events: list[asyncio.Event]) -> None:
     for event in events:
         event.set()

@@ -9,6 +9,7 @@ import ctypes
 import onnxruntime as ort
 
 from .errors import CharrnnError
+from .install import pip_install
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 CHOICES = ("auto", "cpu", "cuda")
@@ -32,7 +33,7 @@ def cuda_unavailable_reason():
     """Why the CUDA provider cannot be had here, or None if nothing rules it out up front."""
     if CUDA not in ort.get_available_providers():
         return (f"the installed onnxruntime {ort.__version__} has no CUDA provider: "
-                "pip uninstall onnxruntime && pip install 'charrnn[gpu]'")
+                f"pip uninstall onnxruntime && {pip_install('gpu')}")
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError:

@@ -4,31 +4,13 @@ Sampling is Gumbel-max in float64: argmax(logits / T + G) with G = -log(-log(U))
 from softmax(logits / T), costs three array operations per step instead of a softmax and a CDF
 search, and is the form a GPU graph can run with the noise passed in. top-k/top-p mask the
 excluded characters to -inf first (top-p from a float64 softmax). Each row's noise comes from its
-own seed, so a row's text does not depend on what else shares the batch.
+own seed, so a row's text does not depend on what else shares the batch. `params` is a
+SamplingParams (params.py); only its temperature, top_k and top_p matter here.
 """
-
-import dataclasses
-import math
 
 import numpy as np
 
 from .errors import CharrnnError
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int | None = None  # keep the k most likely characters
-    top_p: float | None = None  # keep the smallest set holding this much probability
-
-    def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise CharrnnError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise CharrnnError(f"top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise CharrnnError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
 def allowed_mask(logits, params):

@@ -11,7 +11,6 @@ drains and closes it at shutdown.
 
 import asyncio
 import json
-import secrets
 import time
 import uuid
 from typing import Annotated
@@ -23,12 +22,12 @@ from starlette.exceptions import HTTPException
 
 from charrnn_runtime.engine import EngineBusy
 from charrnn_runtime.errors import CharrnnError
+from charrnn_runtime.params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 256  # characters; OpenAI's 16 would be a few words
 MAX_CHOICES = 64
-# The field an engine validation message is about, by the message's start.
-ENGINE_PARAMS = {"characters not in": "prompt", "temperature": "temperature", "top-p": "top_p",
-                 "top-k": "top_k", "max_chars": "max_tokens", "stop": "stop", "seed": "seed"}
+# The request field of each Python API name that a CharrnnError's .param can carry (others are the same).
+HTTP_FIELDS = {"length": "max_tokens"}
 
 
 class CompletionRequest(BaseModel):
@@ -62,9 +61,7 @@ def error(status, message, param=None, kind="invalid_request_error", headers=Non
 def engine_error(e):
     if isinstance(e, EngineBusy):
         return error(503, str(e), kind="server_busy", headers={"Retry-After": "1"})
-    message = str(e)
-    param = next((p for start, p in ENGINE_PARAMS.items() if message.startswith(start)), None)
-    return error(400, message, param)
+    return error(400, str(e), HTTP_FIELDS.get(e.param, e.param))
 
 
 def validation_error(exc):
@@ -174,7 +171,7 @@ def create_app(engine, replica=None, drain_seconds=30.0):
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "charrnn",
                                             "variant": model.variant, "provider": model.provider,
-                                            "sha256": model.sha256, "max_model_len": engine.max_chars}]}
+                                            "sha256": model.sha256, "max_model_len": engine.max_length}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -193,20 +190,16 @@ def create_app(engine, replica=None, drain_seconds=30.0):
             if len(prompt) != 1:
                 return error(400, f"prompt: one prompt per request, got a list of {len(prompt)}", "prompt")
             prompt = prompt[0]
-        if len(prompt) > engine.max_chars:
-            return error(400, f"prompt is longer than {engine.max_chars} characters", "prompt")
-        seed = secrets.randbits(31) if body.seed is None else body.seed
-        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        options = dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, stop=stops)
+        params = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed, body.stop, body.max_tokens)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
         if body.stream:  # submitted (or refused with a 4xx/503) before the response starts
-            requests = submit_all(lambda i: engine.stream(prompt, body.max_tokens, seed=seed + i, **options), body.n)
+            requests = submit_all(lambda i: engine.stream(prompt, params=params.row(i)), body.n)
             return StreamingResponse(stream_events(head, requests), media_type="text/event-stream")
         done = await cancel_on_disconnect(request, gather_all_or_none(
-            engine.generate(prompt, body.max_tokens, seed=seed + i, **options) for i in range(body.n)))
+            engine.generate(prompt, params=params.row(i)) for i in range(body.n)))
         generated = sum(c.generated_chars for c in done)
-        return {**head, "seed": seed,
+        return {**head, "seed": params.seed,
                 "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
                             for i, c in enumerate(done)],
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated,

@@ -1,0 +1,153 @@
+"""One design for every generation driver: SamplingParams validated once, a Sequence per generation
+(where length and stop rules live), Generator and Engine as thin drivers over it."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import SHIPPED, assert_one_line_error, run_python
+
+import charrnn_runtime
+from charrnn_runtime import CharrnnError, SamplingParams, Sequence
+from charrnn_runtime.cli import main as run_cli
+from charrnn_runtime.engine import Engine
+from charrnn_runtime.sequence import Status
+
+VOCAB = list("abc\n")
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return charrnn_runtime.load(model_path, provider="cpu")
+
+
+# -- SamplingParams: every field validated in one place, each refusal naming its field ------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1), ("temperature", float("nan")), ("temperature", "1"), ("temperature", True),
+    ("top_k", 0), ("top_k", 2.5), ("top_k", True), ("top_p", 0), ("top_p", 1.5), ("top_p", "0.5"),
+    ("seed", -3), ("seed", 2**64), ("seed", 1.0), ("seed", True), ("stop", [""]), ("stop", [1]), ("stop", ["a", None]),
+    ("length", -1), ("length", 2.5), ("length", True), ("length", "10"),
+])
+def test_each_refusal_names_its_field(field, value):
+    with pytest.raises(CharrnnError) as refused:
+        SamplingParams(**{field: value})
+    assert refused.value.param == field
+
+
+def test_the_seed_is_drawn_once_and_stop_strings_normalised():
+    params = SamplingParams(stop="\n")
+    assert params.stop == ("\n",) and 0 <= params.seed < 2**31
+    assert params.replace(length=5).seed == params.seed  # a copy keeps the drawn seed
+    assert [params.row(i).seed for i in range(3)] == [params.seed, params.seed + 1, params.seed + 2]
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b") and SamplingParams(stop=None).stop == ()
+    assert SamplingParams(0.5, 3, 0.9, seed=1).sampler == (0.5, 3, 0.9)
+
+
+# -- Sequence: the one place where a generated character can end a generation ---------------------------
+
+def test_a_sequence_goes_through_its_states():
+    sequence = Sequence([0, 1], SamplingParams(seed=0, length=3), VOCAB)
+    assert sequence.status is Status.WAITING
+    sequence.start()
+    assert sequence.status is Status.PREFILL
+    assert [sequence.next_prompt_id(), sequence.next_prompt_id()] == [0, 1]
+    assert sequence.status is Status.GENERATING
+    assert [sequence.accept(2), sequence.accept(0), sequence.accept(1)] == [False, False, True]
+    assert (sequence.status, sequence.finish_reason, sequence.text) == (Status.FINISHED, "length", "cab")
+
+
+def test_a_stop_string_ends_a_sequence_where_it_completes():
+    sequence = Sequence([], SamplingParams(seed=0, stop=["ca", "\n"], length=100), VOCAB)
+    sequence.start()
+    assert [sequence.accept(i) for i in (0, 1, 2, 0)] == [False, False, False, True]
+    assert (sequence.finish_reason, sequence.text) == ("stop", "abca")
+
+
+def test_zero_length_finishes_when_it_starts():
+    sequence = Sequence([0], SamplingParams(seed=0, length=0), VOCAB)
+    sequence.start()
+    assert (sequence.status, sequence.finish_reason) == (Status.FINISHED, "length")
+
+
+@pytest.mark.parametrize("stop", [(), ("ab",)])
+def test_accepting_many_equals_accepting_each(stop):
+    ids = np.random.default_rng(0).integers(0, len(VOCAB), 300)
+    one, many = (Sequence([], SamplingParams(seed=0, stop=stop, length=250), VOCAB) for _ in range(2))
+    for sequence in (one, many):
+        sequence.start()
+    used = 0
+    while not one.finished:
+        one.accept(ids[used])
+        used += 1
+    assert many.accept_many(ids) == used and (many.text, many.finish_reason) == (one.text, one.finish_reason)
+
+
+# -- the drivers: model.generate, the Engine (threaded or stepped by hand), the CLI ---------------------
+
+def test_bad_values_are_charrnn_errors_everywhere(model):
+    for call in (lambda: model.generate("", 5, seed=-3), lambda: model.generate("", True),
+                 lambda: model.generate_batch("", 5, num_samples=0)):
+        with pytest.raises(CharrnnError):
+            call()
+    assert_one_line_error(CliRunner().invoke(run_cli, ["--seed", "-3"]), "--seed")
+
+
+def test_params_or_fields_give_the_same_text(model):
+    params = SamplingParams(0.8, top_k=5, seed=4, stop="\n", length=60)
+    expected = model.generate("", 60, temperature=0.8, top_k=5, seed=4, stop="\n")
+    assert model.generator("", params=params).run() == [expected]
+    with Engine(model) as engine:
+        assert engine.submit("", params=params).result(timeout=30).text == expected
+
+
+def test_an_engine_without_a_thread_is_stepped_by_its_caller(model):
+    engine = Engine(model, max_batch=2, background=False)
+    requests = [engine.submit("", 30 + i, seed=i, temperature=0.7) for i in range(3)]
+    steps = 0
+    while engine.step():
+        steps += 1
+    assert [r.result(timeout=0).text for r in requests] == [model.generate("", 30 + i, seed=i, temperature=0.7)
+                                                             for i in range(3)]
+    assert steps == 30 + 32  # the third takes the first free row, at step 31
+    assert engine.step() == 0
+    engine.close()
+
+
+def test_one_handle_serves_threads_and_asyncio(model):
+    with Engine(model) as engine:
+        request = engine.submit("", 50, seed=9)
+        from_thread = {}
+        reader = threading.Thread(target=lambda: from_thread.setdefault("text", request.result(timeout=30).text))
+        reader.start()
+        from_asyncio = asyncio.run(request.wait()).text
+        reader.join()
+        streamed = engine.submit("", 50, seed=9)
+        assert "".join(streamed) == from_thread["text"] == from_asyncio == model.generate("", 50, seed=9)
+
+
+def test_old_names_still_work_with_a_deprecation_warning(model):
+    with pytest.warns(DeprecationWarning, match="prompt="):
+        assert model.generate(prime="a" if "a" in model.index else "", length=20, seed=1) == \
+            model.generate("a" if "a" in model.index else "", 20, seed=1)
+    with pytest.warns(DeprecationWarning, match="max_length"), Engine(model, max_chars=50) as engine:
+        assert engine.max_length == engine.max_chars == 50
+        with pytest.warns(DeprecationWarning, match="length="):
+            assert engine.submit("", max_chars=10, seed=2).result(timeout=30).text == model.generate("", 10, seed=2)
+
+
+def test_importing_the_runtime_and_its_engine_loads_no_cli_web_or_tensorflow_module():
+    code = f"""
+import sys
+import charrnn_runtime
+from charrnn_runtime.engine import Engine
+with Engine(charrnn_runtime.load({str(SHIPPED)!r}, provider="cpu")) as engine:
+    engine.submit("", 5, seed=0).result()
+heavy = ("click", "fastapi", "starlette", "uvicorn", "ray", "charrnn_serve", "tensorflow", "keras", "tf2onnx", "onnx")
+print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
