@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import charrnn_runtime
+from charrnn_runtime import install
 from conftest import SONNETS, assert_one_line_error, fake_run, run_python
 
 COMMANDS = {"charrnn-run": "charrnn_runtime.cli", "charrnn-train": "charrnn_train.cli",
@@ -22,8 +23,9 @@ def test_version(command):
 
 
 def test_argument_errors_come_before_tensorflow(tmp_path):
-    run, taken = fake_run(tmp_path / "run"), tmp_path / "taken"
+    run, taken, empty = fake_run(tmp_path / "run"), tmp_path / "taken", tmp_path / "empty"
     taken.mkdir()
+    empty.mkdir()
     (taken / "file").touch()
     corpus = ["--corpus", str(SONNETS), "--batch-size", "1"]
     cases = [
@@ -31,6 +33,7 @@ def test_argument_errors_come_before_tensorflow(tmp_path):
         ("charrnn-train", [*corpus, "--epochs", "0"], "epochs must be positive"),
         ("charrnn-train", [*corpus, "--learning-rate", "nan"], "learning-rate"),
         ("charrnn-train", [*corpus, "--out", str(taken)], "output directory exists"),
+        ("charrnn-train", [*corpus, "--out", str(empty)], "output directory exists"),
         ("charrnn-train", ["--resume", str(tmp_path / "missing")], "not a charrnn training run"),
         ("charrnn-export", [str(tmp_path / "missing")], "no such run or model"),
         ("charrnn-export", [str(tmp_path)], "not a charrnn training run"),
@@ -54,3 +57,13 @@ print(json.dumps({{"results": results, "tensorflow": "tensorflow" in sys.modules
     for (_, _, fragment), (exit_code, output) in zip(cases, outcome["results"], strict=True):
         assert_one_line_error(SimpleNamespace(exit_code=exit_code, output=output), fragment)
     assert not outcome["tensorflow"]
+
+
+def test_install_hints_name_this_distribution_or_the_checkout(tmp_path, monkeypatch):
+    """`charrnn` on PyPI is another project: a hint installs charrnn-onnx, or the checkout it runs from."""
+    monkeypatch.setattr(install, "CHECKOUT", tmp_path)
+    assert install.pip_install("serve") == "pip install 'charrnn-onnx[serve]'"
+    (tmp_path / "pyproject.toml").touch()
+    assert install.pip_install("serve") == f"pip install -e '{tmp_path}[serve]'"
+    monkeypatch.chdir(tmp_path)
+    assert install.pip_install("train-gpu,gpu") == "pip install -e '.[train-gpu,gpu]'"

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import charrnn_runtime
 from charrnn_runtime import CharrnnError, SamplingParams, State
 from charrnn_runtime.cli import main as run_cli
+from charrnn_runtime.install import pip_install
 from charrnn_runtime.sampling import GumbelNoise, allowed_mask, sample
 from conftest import HAS_TF, SONNETS, assert_one_line_error, fake_run, run_python
 
@@ -486,7 +487,7 @@ def test_training_commands_name_the_extra_they_need(tmp_path):
         result = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True)
         assert result.returncode == 2, result.stderr
         command = module.replace("_", "-")
-        assert result.stderr.strip() == f"Error: {command} needs the [train] extra: pip install 'charrnn[train]'"
+        assert result.stderr.strip() == f"Error: {command} needs the [train] extra: {pip_install('train')}"
 
 
 def test_cli_stops_quietly_when_the_reader_goes_away(model_path):

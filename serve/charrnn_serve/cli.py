@@ -6,7 +6,7 @@ import click
 
 from charrnn_runtime import __version__
 from charrnn_runtime.bundle import MODEL_ENV
-from charrnn_runtime.command import BadInput, Command, cli_errors, require_extra
+from charrnn_runtime.command import BadInput, Command, cli_errors, require_extra, require_onnxruntime
 
 EPILOG = ("Concurrent requests share one batched step loop (up to --max-batch rows). Routes: POST "
           "/v1/completions (OpenAI's; max_tokens and usage count characters, default max_tokens 256), "
@@ -59,8 +59,8 @@ def main(model_path, host, port, variant, provider, max_batch, spin, stream_inte
     try:
         from charrnn_runtime import load
         from charrnn_runtime.engine import Engine
-    except ImportError:
-        raise BadInput("charrnn-serve needs onnxruntime: pip install 'charrnn[cpu]' (or 'charrnn[gpu]')") from None
+    except ImportError as e:
+        require_onnxruntime("charrnn-serve", e)
     try:
         from .app import create_app
         from .server import serve

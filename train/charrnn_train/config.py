@@ -117,8 +117,8 @@ def check_new_run(config, run_dir):
     """Everything that can be wrong with a new run before training starts; returns the corpus text."""
     config.check()
     run = Run(run_dir)
-    if run.path.exists() and any(run.path.iterdir()):
-        raise CharrnnError(f"output directory exists and is not empty: {run.path} (use --resume to continue a run)")
+    if run.path.exists():  # even an empty directory: --out always names a new run
+        raise CharrnnError(f"output directory exists: {run.path} (use --resume to continue a run)")
     text = data.read_corpus(config.corpus)
     data.check_length(len(text), config.seq_length, config.batch_size, config.validation_fraction)
     return text
