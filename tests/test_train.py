@@ -246,13 +246,19 @@ def test_cli_non_positive_sizes(tmp_path, option):
 def test_cli_bad_values_are_one_line(tmp_path):
     assert_one_line_error(_cli(["--epochs", "many"]), "--epochs")
     assert_one_line_error(_cli(["--cell", "rnn"]), "--cell")
+    assert_one_line_error(_cli(["--average", "mean"]), "--average")
     for args, message in [(["--validation-fraction", "1.5"], "validation-fraction"),
                           (["--layers", "0"], "layers must be positive"),
                           (["--dropout", "1"], "dropout must be in [0, 1)"),
                           (["--early-stopping", "3"], "early-stopping needs a validation split"),
                           (["--early-stopping", "-1"], "patience must be >= 0"),
                           (["--lr-schedule", "cosine", "--min-learning-rate", "0.1"], "min-learning-rate"),
-                          (["--clip-norm", "0"], "clip-norm must be a positive number")]:
+                          (["--clip-norm", "0"], "clip-norm must be a positive number"),
+                          (["--weight-drop", "1"], "weight-drop must be in [0, 1)"),
+                          (["--embedding-dropout", "-0.1"], "embedding-dropout must be in [0, 1)"),
+                          (["--weight-decay", "-1"], "weight-decay must be a finite number >= 0"),
+                          (["--average", "ema", "--average-start", "11"], "average-start must be an epoch"),
+                          (["--average", "ema", "--ema-decay", "1"], "ema-decay must be in (0, 1)")]:
         assert_one_line_error(_cli([*args, "--out", str(tmp_path / "r")]), message)
     assert not (tmp_path / "r").exists()
 

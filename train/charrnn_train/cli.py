@@ -40,6 +40,20 @@ model is the epoch with the best validation loss."""
 @click.option("--min-learning-rate", type=float, default=0.0, show_default=True,
               help="Where the cosine schedule ends.")
 @click.option("--clip-norm", type=float, default=None, help="Clip gradients to this global norm.  [default: off]")
+@click.option("--locked-dropout", is_flag=True,
+              help="Draw each --dropout mask once per sequence, shared by all its steps (variational dropout).")
+@click.option("--embedding-dropout", type=float, default=0.0, show_default=True,
+              help="Drop whole characters from the embedding (one mask per batch).")
+@click.option("--weight-drop", type=float, default=0.0, show_default=True,
+              help="DropConnect on the recurrent kernels (one mask per batch); inference uses the full kernels.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True,
+              help="Decoupled weight decay (AdamW); 0 = Adam.")
+@click.option("--average", type=click.Choice(["none", "ema", "swa"]), default="none", show_default=True,
+              help="Average the weights after every step (exponential or uniform): the average is validated, "
+                   "saved and exported.")
+@click.option("--average-start", type=int, default=1, show_default=True, metavar="EPOCH",
+              help="The first epoch whose steps are averaged.")
+@click.option("--ema-decay", type=float, default=0.999, show_default=True, help="EMA decay per step.")
 @click.option("--seed", type=int, default=42, show_default=True,
               help="Seeds weight init and the per-epoch shuffle.")
 @click.option("--validation-fraction", type=float, default=0.0, show_default=True,

@@ -11,6 +11,7 @@ from charrnn_runtime.errors import CharrnnError
 from . import data
 
 CELLS = ("gru", "lstm")  # the keys of model.CELLS, named here without importing Keras
+AVERAGES = ("none", "ema", "swa")
 
 
 @dataclasses.dataclass
@@ -34,6 +35,14 @@ class Config:
     lr_schedule: str = "constant"
     min_learning_rate: float = 0.0  # where the cosine schedule ends
     clip_norm: float | None = None  # global gradient-norm clipping
+    # AWD-LSTM's regularisers (Merity et al., 2017) and weight averaging; the defaults leave them off
+    locked_dropout: bool = False  # the dropout masks drawn once per sequence (variational), not per step
+    embedding_dropout: float = 0.0  # whole characters dropped from the embedding, one mask per batch
+    weight_drop: float = 0.0  # DropConnect on the recurrent kernels, one mask per batch
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+    average: str = "none"  # ema or swa: the averaged weights are validated, saved and exported
+    average_start: int = 1  # the first epoch whose steps are averaged
+    ema_decay: float = 0.999  # per step
 
     def check(self):
         for name in ("epochs", "batch_size", "seq_length", "buffer_size", "embedding_dim", "units", "layers"):
@@ -57,12 +66,25 @@ class Config:
             raise CharrnnError(f"min-learning-rate must be in [0, learning-rate], got {self.min_learning_rate}")
         if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
             raise CharrnnError(f"clip-norm must be a positive number, got {self.clip_norm}")
+        for name in ("embedding_dropout", "weight_drop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise CharrnnError(f"{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise CharrnnError(f"weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.average not in AVERAGES:
+            raise CharrnnError(f"average must be one of {', '.join(AVERAGES)}, got {self.average!r}")
+        if not 1 <= self.average_start <= self.epochs:
+            raise CharrnnError(f"average-start must be an epoch in [1, epochs], got {self.average_start}")
+        if not 0 < self.ema_decay < 1:
+            raise CharrnnError(f"ema-decay must be in (0, 1), got {self.ema_decay}")
 
-    def build(self, vocab_size):
-        """The untrained network of this config (no optimizer)."""
+    def build(self, vocab_size, regularised=True):
+        """The untrained network of this config (no optimizer); regularised=False: with plain layers
+        only, the network a run saves."""
         from .model import build_model  # Keras: imported only when a network is built
 
-        return build_model(vocab_size, self.embedding_dim, self.units, self.layers, self.cell, self.dropout)
+        return build_model(vocab_size, self.embedding_dim, self.units, self.layers, self.cell, self.dropout,
+                           self.locked_dropout, self.embedding_dropout, self.weight_drop, regularised)
 
 
 class Run:
@@ -93,6 +115,9 @@ class Run:
 
     def checkpoint(self, epoch):
         return self.checkpoints / f"epoch-{epoch:04d}.keras"
+
+    def average_file(self, epoch):
+        return self.checkpoints / f"epoch-{epoch:04d}.average.npz"
 
     def best_checkpoint(self, epoch):
         return self.checkpoints / f"best-{epoch:04d}.keras"

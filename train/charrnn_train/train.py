@@ -6,9 +6,12 @@ A run directory holds
     history.json      one record per completed epoch (losses, learning rate, wall and CPU seconds);
                       the commit record of the run
     checkpoints/      epoch-NNNN.keras: weights + optimizer state of the last completed epoch;
+                      with weight averaging, epoch-NNNN.average.npz: the averaged weights then;
                       with validation, best-NNNN.keras: the model of the best validation epoch so far
     model.keras       the final model (no optimizer state), written when training ends: the best
                       validation epoch's model when there is a validation split, else the last epoch's
+With weight averaging (--average ema/swa) the averaged weights are the run's model: validation
+measures them (once averaging has begun) and the model files hold them.
     loss.png          loss curve
 Every file is written atomically, and a checkpoint counts only once history.json names its epoch,
 so `kill -9` at any moment loses at most the epoch in progress.
@@ -59,6 +62,39 @@ class Progress(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.tty:
             self.stream.write("\r\033[K")
+
+
+class WeightAverage(keras.callbacks.Callback):
+    """The average of the weights after every training step it sees: exponential (ema, with `decay`
+    per step, starting from the first weights seen) or uniform (swa: each step's weights equally)."""
+
+    def __init__(self, kind, decay, weights=None, steps=0):
+        super().__init__()
+        self.kind, self.decay = kind, decay
+        self.weights, self.steps = weights, steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.update(self.model.get_weights())
+
+    def update(self, weights):
+        self.steps += 1
+        if self.weights is None:
+            self.weights = [np.array(w, copy=True) for w in weights]
+            return
+        rate = 1 / self.steps if self.kind == "swa" else 1 - self.decay
+        for average, w in zip(self.weights, weights, strict=True):
+            average += (w - average) * np.float32(rate)
+
+    def save(self, path):
+        with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, *(self.weights or []), steps=self.steps)
+
+    @classmethod
+    def load(cls, path, kind, decay):
+        with np.load(path) as saved:
+            steps = int(saved["steps"])
+            weights = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)] if steps else None
+        return cls(kind, decay, weights, steps)
 
 
 class StopOnInterrupt(keras.callbacks.Callback):
@@ -118,13 +154,18 @@ def train(run, log=print, callbacks=()):
     for stale in run.path.rglob(".*.tmp*"):  # left by a kill during an atomic write
         stale.unlink()
     done = len(run.history)
+    average = None
     if done:
         model = keras.models.load_model(run.checkpoint(done))
+        if config.average != "none":
+            average = WeightAverage.load(run.average_file(done), config.average, config.ema_decay)
         log(f"resuming {run.path} after epoch {done}/{config.epochs}")
     else:
         keras.utils.set_random_seed(config.seed)
-        model = compile_model(config.build(len(run.vocab)),
-                              learning_rate(config, train_set.steps_per_epoch), config.clip_norm)
+        model = compile_model(config.build(len(run.vocab)), learning_rate(config, train_set.steps_per_epoch),
+                              config.clip_norm, config.weight_decay)
+        if config.average != "none":
+            average = WeightAverage(config.average, config.ema_decay)
         log(f"training {run.path}: {model.count_params():,} parameters, "
             f"{train_set.steps_per_epoch} steps/epoch, {config.epochs} epochs")
 
@@ -134,27 +175,37 @@ def train(run, log=print, callbacks=()):
             break
         trained = True
         inputs, targets = train_set.epoch(epoch)
-        seed_dropout(model, config.seed, epoch)
+        seed_masks(model, config.seed, epoch)
+        averaging = [average] if average and epoch >= config.average_start else []
         started, cpu_started = time.perf_counter(), time.process_time()
         fit = model.fit(inputs, targets, batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
-                        callbacks=[Progress(epoch, config.epochs, train_set.steps_per_epoch), *callbacks])
+                        callbacks=[Progress(epoch, config.epochs, train_set.steps_per_epoch), *averaging,
+                                   *callbacks])
         record = {"epoch": epoch, "loss": fit.history["loss"][-1]}
         record["bits_per_char"] = record["loss"] / LN2
+        if average:
+            record["averaged_steps"] = average.steps  # validation measures the average once it is > 0
+        weights = run_weights(model, average)
         if validation is not None:
+            trained = model.get_weights()
+            model.set_weights(weights)
             record["val_loss"] = float(model.evaluate(*validation, batch_size=config.batch_size, verbose=0))
             record["val_bits_per_char"] = record["val_loss"] / LN2
+            model.set_weights(trained)
         record["learning_rate"] = float(model.optimizer.learning_rate)
         record["seconds"] = time.perf_counter() - started
         record["cpu_seconds"] = time.process_time() - cpu_started  # all threads; fair where cores are shared
 
         with files.atomic_path(run.checkpoint(epoch)) as tmp:
             model.save(tmp)
+        if average:
+            average.save(run.average_file(epoch))
         if validation is not None and all(record["val_loss"] < r["val_loss"] for r in run.history):
-            save_inference_model(config, run.vocab, model, run.best_checkpoint(epoch))
+            save_inference_model(config, run.vocab, weights, run.best_checkpoint(epoch))
         run.history.append(record)
         files.write_json(run.history_file, run.history)  # the epoch now counts
-        keep = {run.checkpoint(epoch), run.best_checkpoint(run.best_epoch or 0)}
-        for old in run.checkpoints.glob("*.keras"):
+        keep = {run.checkpoint(epoch), run.average_file(epoch), run.best_checkpoint(run.best_epoch or 0)}
+        for old in run.checkpoints.iterdir():
             if old not in keep:
                 old.unlink()
         log(summary(record, best=run.best_epoch == epoch))
@@ -168,23 +219,29 @@ def train(run, log=print, callbacks=()):
                 + (f"; stopped early after {config.early_stopping} epochs without improvement"
                    if run.stopped_early else ""))
         else:
-            save_inference_model(config, run.vocab, model, run.model_file)
+            save_inference_model(config, run.vocab, run_weights(model, average), run.model_file)
         plot_history(run.history, run.plot_file)
     return run.history
 
 
-def seed_dropout(model, seed, epoch):
-    """Dropout masks drawn from (seed, layer, epoch), like the shuffle, so a resumed run draws the same."""
+def seed_masks(model, seed, epoch):
+    """Dropout, embedding-dropout and weight-drop masks drawn from (seed, layer, epoch), like the
+    shuffle, so a resumed run draws the same."""
     for i, layer in enumerate(model.layers):
-        if isinstance(layer, keras.layers.Dropout):
+        if hasattr(layer, "seed_generator"):
             state = layer.seed_generator.state
             state.assign(np.array([seed + i, epoch << 20], dtype=state.dtype))
 
 
-def save_inference_model(config, vocab, model, path):
-    """The network with `model`'s weights and no optimizer state (what export and users load)."""
-    final = config.build(len(vocab))
-    final.set_weights(model.get_weights())
+def run_weights(model, average):
+    """The run's model weights now: the average once averaging has begun, else the trained weights."""
+    return average.weights if average and average.steps else model.get_weights()
+
+
+def save_inference_model(config, vocab, weights, path):
+    """The network with plain layers, `weights` and no optimizer state (what export and users load)."""
+    final = config.build(len(vocab), regularised=False)
+    final.set_weights(weights)
     with files.atomic_path(path) as tmp:
         final.save(tmp)
 
