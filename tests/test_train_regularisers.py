@@ -2,6 +2,10 @@
 leaves inference (and export) plain, and resumes exactly."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -191,4 +195,43 @@ def test_every_regulariser_resumes_to_the_same_run(tmp_path, tiny_corpus):
     for key in ("loss", "val_loss", "averaged_steps"):
         np.testing.assert_allclose([r[key] for r in history], [r[key] for r in whole.history], rtol=1e-4)
     for a, b in zip(*(keras.models.load_model(r.model_file).get_weights() for r in (run, whole)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_killed_with_every_regulariser_resumes_exactly(tmp_path, tiny_corpus):
+    """kill -9 in a later epoch (the EMA under way), then --resume: the run an uninterrupted one gives."""
+    import keras
+
+    from charrnn_train import train
+
+    options = dict(TINY, epochs=200, **AWD)
+    out = tmp_path / "killed"
+    flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}") for key, value in options.items()]
+    process = subprocess.Popen([sys.executable, "-m", "charrnn_train", "--corpus", str(tiny_corpus), "--out", str(out),
+                                *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            history = out / "history.json"
+            if history.is_file() and len(json.loads(history.read_text())) >= 3:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("training did not complete three epochs in time")
+        time.sleep(0.3)  # land inside a later epoch (or inside a checkpoint write)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+
+    killed = train.Run.open(out)
+    assert killed.config == train.Config(corpus=str(tiny_corpus), **options)
+    epochs = len(killed.history) + 1
+    killed.config.epochs = epochs
+    history = train.train(killed, log=_quiet)
+    whole = train.start(train.Config(corpus=str(tiny_corpus), **options), tmp_path / "whole")
+    whole.config.epochs = epochs
+    train.train(whole, log=_quiet)
+    for key in ("loss", "val_loss", "averaged_steps"):
+        np.testing.assert_allclose([r[key] for r in history], [r[key] for r in whole.history], rtol=1e-4)
+    for a, b in zip(*(keras.models.load_model(r.model_file).get_weights() for r in (killed, whole)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
