@@ -35,7 +35,7 @@ class EmbeddingDropout(keras.layers.Embedding):
         keep = keras.random.dropout(ops.ones((self.input_dim, 1)), self.rate, seed=self.seed_generator)
         return ops.take(self.embeddings * keep, ops.cast(inputs, "int32"), axis=0)
 
-    def compute_output_spec(self, inputs, training=False):
+    def compute_output_spec(self, inputs, training=False):  # Keras passes call's arguments
         return super().compute_output_spec(inputs)
 
     def get_config(self):
