@@ -43,7 +43,7 @@ def test_the_seed_is_drawn_once_and_stop_strings_normalised():
     assert params.replace(length=5).seed == params.seed  # a copy keeps the drawn seed
     assert [params.row(i).seed for i in range(3)] == [params.seed, params.seed + 1, params.seed + 2]
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b") and SamplingParams(stop=None).stop == ()
-    assert SamplingParams(0.5, 3, 0.9, seed=1).sampler == (0.5, 3, 0.9)
+    assert SamplingParams(0.5, 3, 0.9, seed=1, logit_bias={2: 1.5}).sampler == (0.5, 3, 0.9, ((2, 1.5),))
 
 
 # -- Sequence: the one place where a generated character can end a generation ---------------------------

@@ -17,6 +17,11 @@ scale for the whole batch, so there a neighbour can shift a near-tie).
 Streaming readers are woken at most every `flush_seconds` with everything their row produced
 since, so many clients cost tens of wake-ups per second each, not one per character. The
 onnxruntime step releases the GIL, so an asyncio server keeps serving while the loop runs.
+
+Limits: `queue_timeout` refuses (EngineBusy) a request that waited longer for a row;
+`request_timeout` ends a request after that many seconds from its submission with the text it has
+(finish reason "timeout"). If the loop itself dies, every request fails at once and `status`
+says so, instead of requests hanging.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 
 from .errors import CharrnnError
 from .params import SamplingParams
-from .sampling import sample
+from .sampling import log_softmax, sample
 from .sequence import Sequence, Status
 from .state import State
 from .stepper import Stepper
@@ -47,10 +52,30 @@ class EngineBusy(CharrnnError):
 @dataclasses.dataclass(frozen=True)
 class Completion:
     text: str
-    finish_reason: str  # "length", "stop", "cancelled" or "error"
+    finish_reason: str  # "length", "stop", "timeout", "cancelled" or "error"
     seed: int
     prompt_chars: int
     generated_chars: int
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound (cumulative when read), sum and count."""
+
+    BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, bound in enumerate(self.BOUNDS) if value <= bound), len(self.BOUNDS))] += 1
+        self.sum += value
+
+    def snapshot(self) -> dict[str, Any]:
+        """{"buckets": [(upper bound, cumulative count)...], "sum", "count"}; the last bound is inf."""
+        cumulative = np.cumsum(self.counts).tolist()
+        return {"buckets": list(zip((*self.BOUNDS, float("inf")), cumulative)), "sum": self.sum,
+                "count": cumulative[-1]}
 
 
 class Request:
@@ -65,6 +90,7 @@ class Request:
         self.cancelled = False
         self.streaming = False  # read chunk by chunk: woken every flush interval, not only at the end
         self.error: Exception | None = None
+        self.submitted = time.monotonic()
         self.last_wake = 0.0
         self._read = 0  # characters handed to the reader so far
         self._changed = threading.Event()
@@ -83,11 +109,11 @@ class Request:
         self.cancelled = True
 
     def take(self) -> tuple[str, bool]:
-        """(new text since the last take, finished?); the finish flag is read first, so no text is lost."""
+        """(new readable text since the last take, finished?); the finish flag is read first, so no
+        text is lost. A tail that could still become a stop string waits (Sequence.readable)."""
         done = self.done
-        chars = self.sequence.chars
-        end = len(chars)
-        chunk, self._read = "".join(chars[self._read:end]), end
+        end = self.sequence.readable()
+        chunk, self._read = "".join(self.sequence.chars[self._read:end]), end
         if done and self.error is not None:
             raise self.error
         return chunk, done
@@ -143,6 +169,15 @@ class Request:
             self.cancel()
         return self._completed()
 
+    async def admitted(self) -> None:
+        """Wait until the request has a row (or ended without one); a refusal raises here."""
+        changed = self._asyncio_event()
+        while self.sequence.status is Status.WAITING:
+            await changed.wait()
+            changed.clear()
+        if self.error is not None:
+            raise self.error
+
     def _completed(self) -> Completion:
         if self.error is not None:
             raise self.error
@@ -168,10 +203,12 @@ class Engine:
 
     max_batch: rows stepped together; max_waiting: requests queued for a row before new ones are
     refused (EngineBusy); max_length: the longest prompt and the longest generation a request may
-    ask for; background: step in a thread of the engine's own (else call `step()`)."""
+    ask for; queue_timeout / request_timeout: seconds (None: no limit, see above); background:
+    step in a thread of the engine's own (else call `step()`)."""
 
     def __init__(self, model, max_batch: int = 64, max_waiting: int = 256, max_length: int = 4096,
-                 flush_seconds: float = 0.02, background: bool = True, **renamed: Any) -> None:
+                 flush_seconds: float = 0.02, queue_timeout: float | None = None,
+                 request_timeout: float | None = None, background: bool = True, **renamed: Any) -> None:
         if "max_chars" in renamed:
             warnings.warn("Engine(max_chars=) is deprecated: use max_length=", DeprecationWarning, stacklevel=2)
             max_length = renamed.pop("max_chars")
@@ -181,20 +218,29 @@ class Engine:
             if value < 1:
                 raise CharrnnError(f"{name} must be >= 1, got {value}", name)
         self.model, self.max_batch, self.max_waiting, self.max_length = model, max_batch, max_waiting, max_length
-        self.flush_seconds = flush_seconds
+        self.flush_seconds, self.queue_timeout, self.request_timeout = flush_seconds, queue_timeout, request_timeout
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[Request] = []  # the requests in the batch, in row order
         self.stepper: Stepper | None = None  # the batch's state, one row per request
         self.groups: list[tuple[SamplingParams, np.ndarray]] = []  # rows sampled together, by sampler
+        self.logprobs_wanted = False  # does a row record log-probabilities (then each step computes them)
         self.accepting = True
+        self.failure: BaseException | None = None  # what killed the loop
         self.running = True
         self.changed = threading.Condition()
         self.counters = collections.Counter(requests_rejected_total=0, prompt_chars_total=0, generated_chars_total=0,
                                             steps_total=0, batch_rows_sum=0, step_seconds_sum=0.0)
         self.finished = collections.Counter()  # by finish reason
+        self.histograms = {name: Histogram() for name in (
+            "request_queue_time_seconds", "time_to_first_char_seconds", "e2e_request_latency_seconds")}
         self.thread = threading.Thread(target=self._run, name="charrnn-engine", daemon=True) if background else None
         if self.thread is not None:
             self.thread.start()
+
+    @property
+    def status(self) -> str:
+        """"ok", "draining" (new requests refused, those in flight finishing) or "failed" (the loop died)."""
+        return "failed" if self.failure is not None else "ok" if self.accepting else "draining"
 
     @property
     def max_chars(self) -> int:
@@ -222,6 +268,9 @@ class Engine:
             raise CharrnnError(f"prompt is longer than {self.max_length} characters", "prompt")
         request = Request(Sequence(self.model.encode(prompt), params, self.model.vocab))
         with self.changed:
+            if self.failure is not None:
+                self.counters["requests_rejected_total"] += 1
+                raise EngineBusy(f"the engine stopped: {self.failure}")
             if not self.accepting:
                 self.counters["requests_rejected_total"] += 1
                 raise EngineBusy("the server is shutting down: not accepting new requests")
@@ -247,7 +296,8 @@ class Engine:
         stepped) and gauges (active rows, waiting requests)."""
         with self.changed:
             return {"requests_total": dict(self.finished), **self.counters, "active_rows": len(self.rows),
-                    "waiting_requests": len(self.waiting), "max_batch": self.max_batch}
+                    "waiting_requests": len(self.waiting), "max_batch": self.max_batch,
+                    **{name: histogram.snapshot() for name, histogram in self.histograms.items()}}
 
     def drain(self, timeout: float) -> bool:
         """Refuse new requests, let the ones in flight finish; cancel what remains after `timeout` s.
@@ -313,29 +363,48 @@ class Engine:
         return len(self.rows)
 
     def _run(self) -> None:
-        """The background thread: step while there is work, sleep while there is none."""
-        while True:
+        """The background thread: step while there is work, sleep while there is none. If stepping
+        itself breaks (not the model: step() survives that), every request fails at once."""
+        try:
+            while True:
+                with self.changed:
+                    while self.running and not self.rows and not self.waiting:
+                        self.changed.wait()
+                    if not self.running:
+                        break
+                self.step()
+        except BaseException as e:
             with self.changed:
-                while self.running and not self.rows and not self.waiting:
-                    self.changed.wait()
-                if not self.running:
-                    break
-            self.step()
+                self.failure, self.accepting = e, False
+                failed = [*self.rows, *self.waiting]
+                self.rows, self.stepper = [], None
+                self.waiting.clear()
+                for request in failed:
+                    request.error = EngineBusy(f"the engine stopped: {e}")
+                    self._finish(request, "error")
+                self._wake(failed, time.monotonic())
+                self.changed.notify_all()
+            raise
         self._cancel_all()
 
     def _schedule(self, evict_all: bool = False) -> None:
         """Evict finished and cancelled rows, admit waiting requests into free rows (under the lock);
         evict_all: take every waiting request off the queue at once (all are cancelled)."""
+        now = time.monotonic()
+        expired = self._expire(now)
         leaving = [r for r in self.rows if r.done or r.cancelled]
         joining = []
         while self.waiting and (evict_all or len(self.rows) - len(leaving) + len(joining) < self.max_batch):
             request = self.waiting.popleft()
             if not request.cancelled:
+                self.histograms["request_queue_time_seconds"].observe(now - request.submitted)
                 request.sequence.start()
                 self.counters["prompt_chars_total"] += len(request.sequence.prompt_ids)
                 if request.done:  # nothing to generate
-                    self.finished[request.finish_reason] += 1
+                    self._finished(request, now)
             (leaving if request.cancelled or request.done else joining).append(request)
+        if expired:
+            self._wake(expired, now)
         if not leaving and not joining:
             return
         for request in leaving:
@@ -351,22 +420,53 @@ class Engine:
         for i, request in enumerate(self.rows):
             groups[request.sequence.params.sampler].append(i)
         self.groups = [(self.rows[members[0]].sequence.params, np.asarray(members)) for members in groups.values()]
-        self._wake(leaving, time.monotonic())
+        self.logprobs_wanted = any(r.sequence.params.logprobs is not None or r.sequence.params.prompt_logprobs
+                                   is not None for r in self.rows)
+        self._wake(leaving + joining, now)  # joining: for readers waiting for admission
         self.changed.notify_all()  # for drain()
+
+    def _expire(self, now: float) -> list[Request]:
+        """Apply the timeouts: a request waiting too long is refused (or ends, past request_timeout),
+        a row past request_timeout ends with its text. Returns the refused and ended waiting requests."""
+        expired = []
+        while self.waiting and not self.waiting[0].cancelled:
+            waited = now - self.waiting[0].submitted
+            if self.request_timeout is not None and waited > self.request_timeout:
+                request = self.waiting.popleft()
+                self._finish(request, "timeout")
+            elif self.queue_timeout is not None and waited > self.queue_timeout:
+                request = self.waiting.popleft()
+                request.error = EngineBusy(f"busy: no row free within the queue timeout ({self.queue_timeout:g} s)")
+                self._finish(request, "rejected")
+            else:
+                break
+            expired.append(request)
+        if self.request_timeout is not None:
+            for request in self.rows:
+                if now - request.submitted > self.request_timeout:
+                    self._finish(request, "timeout")
+        return expired
 
     def _next_chars(self) -> tuple[np.ndarray, int]:
         """Each row's next character: its prompt's while prefilling, else a sample it accepts.
         Returns the characters and how many were sampled."""
         rows = self.rows
+        logprobs = log_softmax(self.stepper.logits) if self.logprobs_wanted else [None] * len(rows)
         generating = np.fromiter((r.sequence.status is Status.GENERATING for r in rows), bool, len(rows))
         chars = np.empty(len(rows), np.int32)
+        now = time.monotonic()
         for i in np.flatnonzero(~generating):
-            chars[i] = rows[i].sequence.next_prompt_id()
+            chars[i] = rows[i].sequence.next_prompt_id(logprobs[i])
+            if rows[i].done:  # a scorer (length 0): done once its prompt is fed
+                self._finished(rows[i], now)
         sampled = np.flatnonzero(generating)
         chars[sampled] = self._sample(sampled)
         for i, char in zip(sampled.tolist(), chars[sampled].tolist()):
-            if rows[i].sequence.accept(char):
-                self.finished[rows[i].finish_reason] += 1
+            request = rows[i]
+            if request.sequence.accept(char, logprobs[i]):
+                self._finished(request, now)
+            if len(request.sequence.chars) == 1:
+                self.histograms["time_to_first_char_seconds"].observe(now - request.submitted)
         return chars, len(sampled)
 
     def _sample(self, rows: np.ndarray) -> np.ndarray:
@@ -386,9 +486,15 @@ class Engine:
         return ids
 
     def _finish(self, request: Request, reason: str) -> None:
+        """End a request from outside its Sequence (cancelled, timed out, failed, refused)."""
         if not request.done:
             request.sequence.finish(reason)
-            self.finished[reason] += 1
+            self._finished(request, time.monotonic())
+
+    def _finished(self, request: Request, now: float) -> None:
+        """Count a request that has just finished, whatever ended it."""
+        self.finished[request.finish_reason] += 1
+        self.histograms["e2e_request_latency_seconds"].observe(now - request.submitted)
 
     def _fail_batch(self, error: CharrnnError) -> None:
         for request in self.rows:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import CharrnnError
 from .params import SamplingParams
-from .sampling import check_finite, loop_inputs, sample
+from .sampling import check_finite, log_softmax, loop_inputs, sample
 from .sequence import Sequence
 from .state import State
 from .stepper import SamplingLoop, Stepper
@@ -39,11 +39,14 @@ class Generator:
         self.model, self.params, self.rows = model, params, len(state)
         self.stepper = Stepper(model, state)
         self.sequences = [Sequence((), params.row(i), model.vocab) for i in range(self.rows)]
-        plain = params.top_k is None and params.top_p is None and self.rows == 1
-        session = model.loop_session if plain else None  # with 16-256 streams one run per character measured faster
+        if params.prompt_logprobs is not None:
+            raise CharrnnError("a Generator starts after its prompt: for the prompt's log-probabilities use "
+                               "model.score or the Engine", "prompt_logprobs")
+        plain = params.plain and self.rows == 1  # with 16-256 streams one run per character measured faster
+        session = model.loop_session if plain else None
         self.loop = SamplingLoop(session) if session is not None else None
         self.block_size = self.BLOCK if self.loop is not None else 1
-        self.block_noise = None
+        self.block_noise = self.block_logprobs = None  # the last block's noise, and distributions (with logprobs)
 
     @property
     def seed(self) -> int:
@@ -57,20 +60,24 @@ class Generator:
         return self.stepper.state()
 
     def stream(self, length: int | None = None, stop: str | Iterable[str] | None = None) -> Iterator[str]:
-        """Yield the characters of the one stream until its length or a stop string (included).
-        length/stop: this call's, instead of the generator's settings."""
+        """Yield the characters of the one stream as they become readable (Sequence.readable), until
+        its length or a stop string. length/stop: this call's, instead of the generator's settings."""
         if self.rows != 1:
             raise CharrnnError("stream() generates one stream; use run() for several")
         sequence, = self._begin(length, stop)
+        shown = 0
         while not sequence.finished:
             block = self.next_block(min(self.block_size, sequence.params.length - len(sequence.chars)))
+            logprobs = self.block_logprobs
             used = 0
             try:
                 for char_id in block[:, 0]:
+                    sequence.accept(char_id, None if logprobs is None else logprobs[used, 0])
                     used += 1
-                    ended = sequence.accept(char_id)
-                    yield sequence.chars[-1]
-                    if ended:
+                    readable = sequence.readable()
+                    yield from sequence.chars[shown:readable]
+                    shown = max(shown, readable)
+                    if sequence.finished:
                         return
             finally:
                 self._keep(block, used)
@@ -82,7 +89,9 @@ class Generator:
         block_size = self.block_size if sequences[0].params.stop else self.BLOCK
         while unfinished := [(row, s) for row, s in enumerate(sequences) if not s.finished]:
             block = self.next_block(min(block_size, max(s.params.length - len(s.chars) for _, s in unfinished)))
-            used = max(s.accept_many(block[:, row]) for row, s in unfinished)
+            logprobs = self.block_logprobs
+            used = max(s.accept_many(block[:, row], None if logprobs is None else logprobs[:, row])
+                       for row, s in unfinished)
             if all(s.finished for s in sequences):
                 self._keep(block, used)
         return [s.text for s in sequences]
@@ -95,8 +104,12 @@ class Generator:
         """Sample `steps` characters per stream and advance the state: ids [steps, rows]."""
         noise = self._noise(steps)
         self.block_noise = noise
+        self.block_logprobs = [] if self.params.logprobs is not None else None
         if self.loop is None or steps == 1:
-            return np.stack([self._sample_and_step(step_noise) for step_noise in noise])
+            ids = np.stack([self._sample_and_step(step_noise) for step_noise in noise])
+            if self.block_logprobs is not None:
+                self.block_logprobs = np.stack(self.block_logprobs)
+            return ids
         ids = self.loop.draw(self.stepper, *loop_inputs(self.params, noise))
         check_finite(self.stepper.logits)  # non-finite logits anywhere in the block stay so to its end
         return ids
@@ -117,6 +130,8 @@ class Generator:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def _sample_and_step(self, noise: np.ndarray) -> np.ndarray:
+        if self.block_logprobs is not None:
+            self.block_logprobs.append(log_softmax(self.stepper.logits))
         ids = sample(self.stepper.logits, self.params, noise)
         self.stepper.step(ids)
         return ids

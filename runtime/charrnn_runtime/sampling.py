@@ -41,9 +41,20 @@ def check_finite(logits):
         raise CharrnnError("the model produced non-finite logits (NaN or inf): the model file is broken")
 
 
+def log_softmax(logits):
+    """Log-probabilities [n, vocab] (float64) of logits [n, vocab]."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
 def sample(logits, params, noise):
     """Character ids [n] from logits [n, vocab] and Gumbel noise [n, vocab] (float64)."""
     check_finite(logits)
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits = np.array(logits, dtype=np.float64)
+        logits[:, list(ids)] += biases
     if params.temperature == 0:
         return np.argmax(logits, axis=1)  # the most likely character is inside any top-k/top-p set
     scores = np.multiply(logits, 1.0 / params.temperature, dtype=np.float64)

@@ -3,7 +3,9 @@
 A Sequence holds its prompt ids and prefill cursor, its settings, its noise stream, the characters
 it generated and an explicit status. `accept` is the one place where a generated character is
 judged: the length and the stop strings end a sequence there and nowhere else, so every driver
-produces the same text for the same settings by construction.
+produces the same text for the same settings by construction. `readable` is the one place that
+decides how much of the text may be shown while it is generated: a tail that could still become
+a stop string is held back until decided (a stop string left out of the text is never shown).
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import numpy as np
 
 from .params import SamplingParams
 from .sampling import GumbelNoise
+
+# A character's log-probability and the most likely characters' ({character: log-probability},
+# the character itself included), or None where there is nothing to condition on (the first of a prompt).
+Logprob = tuple[float, dict[str, float]] | None
 
 
 class Status(enum.Enum):
@@ -29,12 +35,16 @@ class Sequence:
 
     def __init__(self, prompt_ids: Ids[int] | np.ndarray, params: SamplingParams, vocab: list[str],
                  noise: GumbelNoise | None = None) -> None:
+        params.check_vocabulary(len(vocab))
         self.prompt_ids, self.params, self.vocab = prompt_ids, params, vocab
         self.noise = noise if noise is not None else GumbelNoise([params.seed], len(vocab))
         self.fed = 0  # prompt characters fed so far
         self.chars: list[str] = []
+        self.logprobs: list[Logprob] = []  # one per generated character, with params.logprobs
+        self.prompt_logprobs: list[Logprob] = []  # one per fed prompt character, with params.prompt_logprobs
         self.status = Status.WAITING
-        self.finish_reason: str | None = None  # "length", "stop", "cancelled" or "error"
+        self.finish_reason: str | None = None  # "length", "stop", "timeout", "cancelled" or "error"
+        self.stop_chars = 0  # the length of the stop string that ended it
         self._longest_stop = max(map(len, params.stop), default=0)
 
     @property
@@ -43,42 +53,69 @@ class Sequence:
 
     @property
     def text(self) -> str:
-        return "".join(self.chars)
+        """The generated text: all of it, less the stop string that ended it unless include_stop."""
+        end = len(self.chars) - (0 if self.params.include_stop else self.stop_chars)
+        return "".join(self.chars[:end])
+
+    def readable(self) -> int:
+        """How many characters of `text` may be shown now: all once finished; before, all but a tail
+        that could still turn out to be a stop string."""
+        if self.finished:
+            return len(self.chars) - (0 if self.params.include_stop else self.stop_chars)
+        count = len(self.chars)
+        if self.params.include_stop or not self._longest_stop:
+            return count
+        tail = "".join(self.chars[max(0, count - self._longest_stop + 1):count])
+        held = next((k for k in range(len(tail), 0, -1) if any(s.startswith(tail[-k:]) for s in self.params.stop)), 0)
+        return count - held
 
     def start(self) -> None:
-        """It has a row: feed the prompt next, or generate (a zero length finishes at once)."""
-        if self.params.length == 0:
+        """It has a row: feed the prompt next, or generate; a zero length finishes at once, unless the
+        prompt's log-probabilities are wanted (then it finishes once the prompt is fed)."""
+        if self.fed < len(self.prompt_ids) and (self.params.length or self.params.prompt_logprobs is not None):
+            self.status = Status.PREFILL
+        elif self.params.length == 0:
             self.finish("length")
         else:
-            self.status = Status.PREFILL if self.fed < len(self.prompt_ids) else Status.GENERATING
+            self.status = Status.GENERATING
 
-    def next_prompt_id(self) -> int:
-        """The prompt's next character, to feed; the last one turns the sequence to GENERATING."""
+    def next_prompt_id(self, logprobs: np.ndarray | None = None) -> int:
+        """The prompt's next character, to feed (`logprobs`: the model's distribution for it, to record
+        with prompt_logprobs); the last one turns the sequence to GENERATING."""
         char_id = self.prompt_ids[self.fed]
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs.append(self._logprob(char_id, logprobs, self.params.prompt_logprobs)
+                                        if self.fed else None)
         self.fed += 1
         if self.fed == len(self.prompt_ids):
-            self.status = Status.GENERATING
+            self.start()
         return char_id
 
-    def accept(self, char_id: int) -> bool:
-        """Add a sampled character; True when that ends the sequence (its length or a stop string)."""
+    def accept(self, char_id: int, logprobs: np.ndarray | None = None) -> bool:
+        """Add a sampled character (`logprobs`: the distribution it was drawn from, to record with
+        params.logprobs); True when that ends the sequence (its length or a stop string)."""
+        if self.params.logprobs is not None:
+            self.logprobs.append(self._logprob(char_id, logprobs, self.params.logprobs))
         self.chars.append(self.vocab[char_id])
         if len(self.chars) >= self.params.length:
             self.finish("length")
-        elif self._longest_stop and self._ends_with_stop():
+        elif self._longest_stop and (stop := self._ending_stop()):
+            self.stop_chars = len(stop)
             self.finish("stop")
         return self.finished
 
-    def accept_many(self, char_ids: np.ndarray) -> int:
-        """Accept characters in order until the sequence ends; returns how many it took."""
-        if not self._longest_stop:  # only the length can end it: no need to look at each character
+    def accept_many(self, char_ids: np.ndarray, logprobs: np.ndarray | None = None) -> int:
+        """Accept characters in order until the sequence ends (`logprobs`: one distribution per
+        character, with params.logprobs); returns how many it took."""
+        if not self._longest_stop and self.params.logprobs is None:  # only the length can end it
             taken = min(len(char_ids), self.params.length - len(self.chars))
             self.chars += [self.vocab[i] for i in char_ids[:taken]]
             if len(self.chars) >= self.params.length:
                 self.finish("length")
             return taken
-        for used, char_id in enumerate(char_ids, start=1):
-            if self.accept(char_id):
+        rows = logprobs if logprobs is not None else [None] * len(char_ids)
+        for used, (char_id, row) in enumerate(zip(char_ids, rows), start=1):
+            if self.accept(char_id, row):
                 return used
         return len(char_ids)
 
@@ -86,6 +123,11 @@ class Sequence:
         if self.finish_reason is None:
             self.status, self.finish_reason = Status.FINISHED, reason
 
-    def _ends_with_stop(self) -> bool:
+    def _ending_stop(self) -> str | None:
         tail = "".join(self.chars[-self._longest_stop:])
-        return any(tail.endswith(stop) for stop in self.params.stop)
+        return next((stop for stop in self.params.stop if tail.endswith(stop)), None)
+
+    def _logprob(self, char_id: int, logprobs: np.ndarray, top: int) -> Logprob:
+        best = np.argpartition(-logprobs, top - 1)[:top] if top else ()
+        alternatives = {self.vocab[i]: float(logprobs[i]) for i in (*best, char_id)}
+        return float(logprobs[char_id]), alternatives
