@@ -1,10 +1,14 @@
 """Shared fixtures: a tiny corpus, a tiny trained run and its exported bundle (seconds, not minutes)."""
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +52,36 @@ def assert_one_line_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@contextlib.contextmanager
+def charrnn_serve(*args, env=None):
+    """A `charrnn-serve --port 0 ARGS` process (environment: this one's without CHARRNN_API_KEY, plus
+    `env`); yields (process, base url) once /health answers, and kills it at the end if still running."""
+    import httpx
+
+    environment = {name: value for name, value in os.environ.items() if name != "CHARRNN_API_KEY"}
+    server = subprocess.Popen([sys.executable, "-m", "charrnn_serve", "--port", "0", *args],
+                              stderr=subprocess.PIPE, text=True, env={**environment, **(env or {})})
+    try:
+        said = []
+        for line in server.stderr:
+            said.append(line)
+            if found := re.search(r"http://\S+:\d+", line):
+                break
+        else:
+            raise AssertionError(f"charrnn-serve exited: {''.join(said)}")
+        threading.Thread(target=server.stderr.read, daemon=True).start()  # the pipe never fills
+        url = found.group(0)
+        for _ in range(100):
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield server, url
+    finally:
+        server.kill()
+        server.wait()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""charrnn on Ray Serve: a local Ray, 2 replicas on loopback, one killed and replaced."""
+"""charrnn on Ray Serve: a local Ray, 2 replicas on loopback that need an API key, one killed and replaced."""
 
 import asyncio
 import json
@@ -18,6 +18,9 @@ with warnings.catch_warnings():  # Ray Serve's own use of deprecated pydantic fe
     from ray import serve
 
     from charrnn_serve.ray_app import NAME, deployment
+    from charrnn_serve.security import SecurityOptions
+
+KEY = {"authorization": "Bearer ray-key"}
 
 
 @pytest.fixture(scope="module")
@@ -32,31 +35,38 @@ def url(request, tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployment(model, engine_options={"max_batch": 16}, replicas=2), name=NAME, route_prefix="/")
+        serve.run(deployment(model, engine_options={"max_batch": 16}, replicas=2,
+                             security=SecurityOptions(api_keys=("ray-key",))), name=NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def replicas_answering(url, requests=32):
-    """The replica ids (X-Replica) that answered `requests` concurrent completions, all of which succeed."""
+def replicas_answering(url, requests=32, headers=KEY, status=200):
+    """The replica ids (X-Replica) that answered `requests` concurrent completions, all with `status`."""
     async def all_at_once():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as client:
             return await asyncio.gather(*(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 200,
                                                                                "seed": i}) for i in range(requests)))
     responses = asyncio.run(all_at_once())
-    assert [r.status_code for r in responses] == [200] * requests
-    assert all(len(r.json()["choices"][0]["text"]) == 200 for r in responses)
+    assert [r.status_code for r in responses] == [status] * requests
+    assert status != 200 or all(len(r.json()["choices"][0]["text"]) == 200 for r in responses)
     return {r.headers["x-replica"] for r in responses}
 
 
-def test_two_replicas_answer_and_a_killed_one_is_replaced(url):
+def both_replicas(url, **options):
+    """The replicas that answered rounds of replicas_answering(url, **options), until both have (5 at most)."""
     seen = set()
     for _ in range(5):
-        seen |= replicas_answering(url)
+        seen |= replicas_answering(url, **options)
         if len(seen) == 2:
             break
+    return seen
+
+
+def test_two_replicas_answer_and_a_killed_one_is_replaced(url):
+    seen = both_replicas(url)
     assert len(seen) == 2
     victim = sorted(seen)[0]
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
@@ -71,6 +81,14 @@ def test_two_replicas_answer_and_a_killed_one_is_replaced(url):
         assert time.monotonic() < deadline, f"no replacement for {victim}: {now}"
         time.sleep(1)
     assert len(replicas_answering(url)) >= 1
-    events = httpx.post(f"{url}/v1/completions", json={"max_tokens": 300, "stream": True}, timeout=60).text
+    events = httpx.post(f"{url}/v1/completions", json={"max_tokens": 300, "stream": True}, headers=KEY, timeout=60).text
     chunks = [json.loads(line[6:]) for line in events.splitlines() if line.startswith("data: {")]
     assert events.rstrip().endswith("data: [DONE]") and sum(len(c["choices"][0]["text"]) for c in chunks) == 300
+
+
+def test_every_replica_refuses_a_request_without_the_key(url):
+    """The keys travel with the deployment into each replica's app (the replacement's too)."""
+    assert len(both_replicas(url, requests=16, headers={}, status=401)) == 2
+    refused = httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer guess"})
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/health").status_code == 200

@@ -4,11 +4,8 @@ import asyncio
 import contextlib
 import json
 import random
-import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,7 +16,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import uvicorn  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from conftest import HAS_TF, SHIPPED, assert_one_line_error, run_python  # noqa: E402
+from conftest import HAS_TF, SHIPPED, assert_one_line_error, charrnn_serve, run_python  # noqa: E402
 from test_engine import random_requests  # noqa: E402
 
 import charrnn_runtime  # noqa: E402
@@ -189,15 +186,7 @@ def test_engine_busy_is_503_with_retry_after(shipped):
 
 
 def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0():
-    server = subprocess.Popen([sys.executable, "-m", "charrnn_serve", "--port", "0", "--drain-seconds", "60"],
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        url = next(found.group(0) for line in server.stderr if (found := re.search(r"http://\S+:\d+", line)))
-        for _ in range(100):
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            time.sleep(0.1)
+    with charrnn_serve("--drain-seconds", "60") as (server, url):
         with httpx.Client(base_url=url, timeout=60) as client:
             body = {"prompt": "ROMEO: ", "max_tokens": 1500, "stream": True, "seed": 2}
             with client.stream("POST", "/v1/completions", json=body) as response:
@@ -212,8 +201,6 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0():
                     pass  # the socket already closed: refused as well
                 events += list(lines)
         assert server.wait(timeout=60) == 0
-    finally:
-        server.kill()
     events = [e for e in events if e]
     chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
     assert events[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"

@@ -7,6 +7,7 @@ Tokens are characters: `max_tokens` counts characters, and so does `usage`. Ever
 OpenAI's JSON error object naming the field (`param`): 400 for a bad request, 404 for an unknown
 model, 503 with Retry-After while the engine is full or draining. The app owns the engine: it
 drains and closes it at shutdown.
+Every request first passes security.py's checks (API keys, Host, Origin, Content-Type, size).
 """
 
 import asyncio
@@ -23,6 +24,8 @@ from starlette.exceptions import HTTPException
 from charrnn_runtime.engine import EngineBusy
 from charrnn_runtime.errors import CharrnnError
 from charrnn_runtime.params import SamplingParams
+
+from .security import Guard, SecurityOptions, openai_error
 
 DEFAULT_MAX_TOKENS = 256  # characters; OpenAI's 16 would be a few words
 MAX_CHOICES = 64
@@ -54,8 +57,7 @@ class CompletionRequest(BaseModel):
 
 
 def error(status, message, param=None, kind="invalid_request_error", headers=None):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status, headers=headers)
+    return JSONResponse(openai_error(message, kind, param), status_code=status, headers=headers)
 
 
 def engine_error(e):
@@ -140,10 +142,11 @@ def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine, replica=None, drain_seconds=30.0):
+def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptions | None = None):
     """The FastAPI app serving `engine` under the model name of its bundle directory.
 
-    `replica` (Ray Serve's replica id) is sent as the X-Replica header and in /health."""
+    `replica` (Ray Serve's replica id) is sent as the X-Replica header and in /health; `security`
+    (default: no keys, loopback) sets the checks every request passes first (security.py)."""
     model = engine.model
     name = model.path.name if model.path.is_dir() else model.path.stem
     started = int(time.time())
@@ -156,8 +159,7 @@ def create_app(engine, replica=None, drain_seconds=30.0):
     app = FastAPI(title="charrnn", lifespan=lifespan)
     app.exception_handler(HTTPException)(lambda request, exc: error(exc.status_code, str(exc.detail)))
     app.exception_handler(CharrnnError)(lambda request, exc: engine_error(exc))
-    app.exception_handler(Exception)(lambda request, exc: error(500, f"internal error: {exc!r}", kind="server_error"))
-
+    app.add_middleware(Guard, options=security or SecurityOptions(), public_paths={"/health"})  # also answers a 500
     if replica is not None:
         app.add_middleware(ReplicaHeader, replica=replica)
 

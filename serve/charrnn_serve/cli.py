@@ -1,5 +1,7 @@
 """charrnn-serve: the OpenAI-compatible completions server, in one process or on Ray Serve."""
 
+import ipaddress
+import re
 import socket
 
 import click
@@ -8,11 +10,57 @@ from charrnn_runtime import __version__
 from charrnn_runtime.bundle import MODEL_ENV
 from charrnn_runtime.command import BadInput, Command, cli_errors, require_extra, require_onnxruntime
 
+from .security import MIB, SecurityOptions, is_loopback, origin
+
 EPILOG = ("Concurrent requests share one batched step loop (up to --max-batch rows). Routes: POST "
           "/v1/completions (OpenAI's; max_tokens and usage count characters, default max_tokens 256), "
-          "GET /v1/models, /health, /metrics (Prometheus). SIGTERM or Ctrl-C drains: requests in flight "
+          "POST /tokenize and /detokenize (vLLM's), GET /v1/models, /health (503 while draining or failed), "
+          "/metrics (Prometheus). SIGTERM or Ctrl-C drains: requests in flight "
           "finish (up to --drain-seconds), new ones get 503, then the server exits with code 0. With --ray "
-          "the same app runs as a Ray Serve deployment of --replicas replicas, each with its own batch.")
+          "the same app runs as a Ray Serve deployment of --replicas replicas, each with its own batch. "
+          "Security: see the README's Security section (keys, browsers, limits; TLS needs a reverse proxy).")
+
+
+def keys(ctx, param, values):
+    """API keys are printable ASCII without spaces: what an Authorization header can carry."""
+    for key in values:
+        if not re.fullmatch(r"[!-~]+", key):
+            raise click.BadParameter("an API key is printable ASCII without spaces")
+    return tuple(values)
+
+
+def key_file(ctx, param, path):
+    """The keys in a file, one a line; blank lines and # comments are skipped."""
+    if path is None:
+        return ()
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = [line.strip() for line in file]
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    found = [line for line in lines if line and not line.startswith("#")]
+    if not found:
+        raise click.BadParameter(f"{path} has no keys (one a line; # starts a comment)")
+    return keys(ctx, param, found)
+
+
+def hosts(ctx, param, values):
+    """Host names or addresses, lowercase, without a port (the Host header's port is not compared)."""
+    names = tuple(value.lower().strip("[]") for value in values)
+    for name in names:
+        try:
+            if ":" in name:  # an IPv6 address, or a port
+                ipaddress.IPv6Address(name)
+        except ValueError:
+            raise click.BadParameter(f"{name!r}: a host name or address, without a port") from None
+    return names
+
+
+def origins(ctx, param, values):
+    try:
+        return tuple(origin(value) for value in values)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @click.command(cls=Command, help="Serve a charrnn model over HTTP (OpenAI-compatible completions).", epilog=EPILOG)
@@ -37,24 +85,45 @@ EPILOG = ("Concurrent requests share one batched step loop (up to --max-batch ro
               help="Seconds between a streaming client's events: each carries what its row produced since.")
 @click.option("--drain-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM, how long requests in flight may take to finish before they are cancelled.")
+@click.option("--max-waiting", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Requests that may wait for a free row; more get 503 with Retry-After.")
+@click.option("--api-key", "api_keys", metavar="KEY", multiple=True, callback=keys, envvar="CHARRNN_API_KEY",
+              show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
+                   "$CHARRNN_API_KEY when not given).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), callback=key_file,
+              help="More keys, one a line (blank lines and # comments skipped).")
+@click.option("--allowed-origins", metavar="ORIGIN", multiple=True, callback=origins,
+              help="Web origins (scheme://host[:port], or *) whose pages may call the API (CORS); a request "
+                   "from another page is refused, 403 (repeatable).")
+@click.option("--allowed-hosts", metavar="HOST", multiple=True, callback=hosts,
+              help="Host names accepted besides loopback ones (repeatable; * for any). Bound to loopback, "
+                   "another Host is refused, 403 (DNS rebinding); bound elsewhere, giving this turns that on.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=MIB, show_default=True,
+              help="Larger request bodies get 413, read no further.")
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Serve (needs the [ray] extra).")
 @click.option("--address", default=None,
               help="With --ray: the Ray cluster to join (e.g. 10.0.0.1:6379).  [default: start a local Ray]")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --ray: replicas, each a process with its own model and batch.")
-def main(model_path, host, port, variant, provider, max_batch, spin, stream_interval, drain_seconds, use_ray, address,
-         replicas):
+def main(model_path, host, port, variant, provider, max_batch, spin, stream_interval, drain_seconds, max_waiting,
+         api_keys, api_key_file, allowed_origins, allowed_hosts, max_body_bytes, use_ray, address, replicas):
     if not use_ray and (address or replicas != 1):
         raise BadInput("--address and --replicas need --ray")
     load_options = dict(provider=provider, variant=variant, spinning=spin)
-    engine_options = dict(max_batch=max_batch, flush_seconds=stream_interval)
+    engine_options = dict(max_batch=max_batch, max_waiting=max_waiting, flush_seconds=stream_interval)
+    security = SecurityOptions(api_keys=api_keys + api_key_file, allowed_origins=allowed_origins,
+                               allowed_hosts=allowed_hosts, bind_host=host,
+                               max_body_bytes=max_body_bytes)
+    if not security.api_keys and not is_loopback(host):
+        click.echo(f"note: listening on {host} without --api-key: whoever reaches the port can generate", err=True)
     if use_ray:
         try:
             from .ray_app import run
         except ImportError:
             require_extra("ray", "charrnn-serve --ray")
         with cli_errors():
-            run(model_path, host, port, load_options, engine_options, drain_seconds, address, replicas)
+            run(model_path, host, port, load_options, engine_options, drain_seconds, address, replicas, security)
         return
     try:
         from charrnn_runtime import load
@@ -72,10 +141,10 @@ def main(model_path, host, port, variant, provider, max_batch, spin, stream_inte
     if model.cpu_reason:
         click.echo(f"note: running on CPU: {model.cpu_reason}", err=True)
     engine = Engine(model, **engine_options)
-    app = create_app(engine, drain_seconds=drain_seconds)
+    app = create_app(engine, drain_seconds=drain_seconds, security=security)
     host, port = listening.getsockname()[:2]
     click.echo(f"charrnn-serve: {model.path.name} ({model.variant} on {model.provider}, max batch {max_batch}) "
-               f"at http://{host}:{port}/v1", err=True)
+               f"at http://{host}:{port}/v1{' (API key required)' if security.api_keys else ''}", err=True)
     serve(app, engine, listening, drain_seconds)
 
 

@@ -20,14 +20,15 @@ from .app import create_app
 NAME = "charrnn"
 
 
-def deployment(model=None, load_options=None, engine_options=None, drain_seconds=30.0, replicas=1):
+def deployment(model=None, load_options=None, engine_options=None, drain_seconds=30.0, replicas=1, security=None):
     """The bound Ray Serve application (pass it to serve.run); `model`: a path every node has, or None
-    for each replica's packaged model; the options go to charrnn_runtime.load and Engine."""
+    for each replica's packaged model; the options go to charrnn_runtime.load and Engine, and `security`
+    (SecurityOptions, keys included) to each replica's create_app."""
     load_options, engine_options = load_options or {}, engine_options or {}
 
     def build_app():  # runs in each replica's process
         replica = serve.get_replica_context().replica_id.to_full_id_str()  # its actor name
-        return create_app(Engine(load(model, **load_options), **engine_options), replica, drain_seconds)
+        return create_app(Engine(load(model, **load_options), **engine_options), replica, drain_seconds, security)
 
     ingress = serve.deployment(
         serve.ingress(build_app)(), name=NAME, num_replicas=replicas,
@@ -36,7 +37,7 @@ def deployment(model=None, load_options=None, engine_options=None, drain_seconds
     return ingress.bind()
 
 
-def run(model, host, port, load_options, engine_options, drain_seconds, address, replicas):
+def run(model, host, port, load_options, engine_options, drain_seconds, address, replicas, security):
     """charrnn-serve --ray: deploy, print where, serve until SIGTERM/SIGINT, then shut Serve down."""
     import ray
 
@@ -45,9 +46,10 @@ def run(model, host, port, load_options, engine_options, drain_seconds, address,
     try:
         serve.start(http_options={"host": host, "port": port})
         # replicas may run on other machines: the same absolute path must hold the model there
-        serve.run(deployment(str(path.resolve()), load_options, engine_options, drain_seconds, replicas),
+        serve.run(deployment(str(path.resolve()), load_options, engine_options, drain_seconds, replicas, security),
                   name=NAME, route_prefix="/")
-        print(f"charrnn-serve: {replicas} replica(s) on Ray at http://{host}:{port}/v1", flush=True)
+        print(f"charrnn-serve: {replicas} replica(s) on Ray at http://{host}:{port}/v1"
+              f"{' (API key required)' if security.api_keys else ''}", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
