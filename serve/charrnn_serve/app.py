@@ -1,80 +1,78 @@
-"""The OpenAI-compatible completions API over one Engine (vLLM / llama.cpp server / TGI convention).
+"""The OpenAI-compatible HTTP API over one Engine (vLLM / llama.cpp server / TGI convention).
 
     app = create_app(Engine(charrnn_runtime.load()))     # then uvicorn, or Ray Serve (ray_app.py)
 
-Routes: POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus text).
-Tokens are characters: `max_tokens` counts characters, and so does `usage`. Every error is
-OpenAI's JSON error object naming the field (`param`): 400 for a bad request, 404 for an unknown
-model, 503 with Retry-After while the engine is full or draining. The app owns the engine: it
-drains and closes it at shutdown.
+Routes: POST /v1/completions (completions.py), POST /tokenize and /detokenize (vLLM's), GET
+/v1/models, GET /health (503 while draining or if the engine's loop died), GET /metrics
+(Prometheus, metrics.py). Every error is OpenAI's JSON error object naming the field (`param`,
+from CharrnnError.param): 400 for a bad request, 404 for an unknown model, 503 with Retry-After
+while the engine is full or draining. The app owns the engine: it drains and closes it at shutdown.
 Every request first passes security.py's checks (API keys, Host, Origin, Content-Type, size).
 """
 
 import asyncio
-import json
 import time
 import uuid
-from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
 from charrnn_runtime.engine import EngineBusy
 from charrnn_runtime.errors import CharrnnError
-from charrnn_runtime.params import SamplingParams
 
+from .completions import CompletionRequest, prompt_of, sampling_params, stream_events
+from .completions import response as completion_response
+from .metrics import prometheus
 from .security import Guard, SecurityOptions, openai_error
 
-DEFAULT_MAX_TOKENS = 256  # characters; OpenAI's 16 would be a few words
-MAX_CHOICES = 64
 # The request field of each Python API name that a CharrnnError's .param can carry (others are the same).
 HTTP_FIELDS = {"length": "max_tokens"}
-
-
-class CompletionRequest(BaseModel):
-    """The fields charrnn uses; others OpenAI clients send (user, logit_bias, ...) are ignored."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")  # strict: "1" is not a number, true not an int
-
-    model: str | None = None
-    prompt: str | list[str] = ""
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
-    stream: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def null_means_default(cls, data):
-        """OpenAI's API allows null for every optional field."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 def error(status, message, param=None, kind="invalid_request_error", headers=None):
     return JSONResponse(openai_error(message, kind, param), status_code=status, headers=headers)
 
 
-def engine_error(e):
+class ModelNotFound(CharrnnError):
+    """A request names a model this server does not serve (404)."""
+
+
+def charrnn_error(e):
+    """A CharrnnError as OpenAI's error: 503 with Retry-After when busy, 404 for another model, else
+    400 naming the request field (from .param, never from the message)."""
     if isinstance(e, EngineBusy):
         return error(503, str(e), kind="server_busy", headers={"Retry-After": "1"})
-    return error(400, str(e), HTTP_FIELDS.get(e.param, e.param))
+    return error(404 if isinstance(e, ModelNotFound) else 400, str(e), HTTP_FIELDS.get(e.param, e.param))
 
 
-def validation_error(exc):
-    """pydantic's complaint as a 400 naming the first bad field (with each of a union's complaints)."""
-    errors = exc.errors()
-    if errors[0]["type"] == "json_invalid":
-        return error(400, errors[0]["msg"])  # "Invalid JSON: ..."
-    if not errors[0]["loc"]:
-        return error(400, "the request body must be a JSON object")
-    field = errors[0]["loc"][0]
-    return error(400, f"{field}: " + " or ".join(e["msg"] for e in errors if e["loc"][0] == field), field)
+def parse(schema, raw):
+    """The request body as `schema`; pydantic's complaint as a CharrnnError naming the first bad field
+    (with each of a union's complaints). Parsed here, not by FastAPI: 400 instead of 422."""
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if errors[0]["type"] == "json_invalid":
+            raise CharrnnError(errors[0]["msg"]) from None  # "Invalid JSON: ..."
+        if not errors[0]["loc"]:
+            raise CharrnnError("the request body must be a JSON object") from None
+        field = errors[0]["loc"][0]
+        message = f"{field}: " + " or ".join(e["msg"] for e in errors if e["loc"][0] == field)
+        raise CharrnnError(message, field) from None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    prompt: str
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    tokens: list[int]
 
 
 async def cancel_on_disconnect(request, awaitable):
@@ -95,11 +93,16 @@ async def cancel_on_disconnect(request, awaitable):
     return work.result()
 
 
-async def gather_all_or_none(awaitables):
-    """asyncio.gather that cancels the rest (freeing their rows) when one fails."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
+async def wait_all(requests, wait):
+    """Await wait(request) for every request, cancelling them all (freeing their rows) if one fails
+    or the caller goes away."""
+    tasks = [asyncio.ensure_future(wait(r)) for r in requests]
     try:
         return await asyncio.gather(*tasks)
+    except BaseException:
+        for request in requests:
+            request.cancel()
+        raise
     finally:
         await cancel_all(tasks)
 
@@ -138,10 +141,6 @@ class ReplicaHeader:
         await self.app(scope, receive, send_with_header)
 
 
-def sse(obj):
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
 def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptions | None = None):
     """The FastAPI app serving `engine` under the model name of its bundle directory.
 
@@ -158,16 +157,22 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
 
     app = FastAPI(title="charrnn", lifespan=lifespan)
     app.exception_handler(HTTPException)(lambda request, exc: error(exc.status_code, str(exc.detail)))
-    app.exception_handler(CharrnnError)(lambda request, exc: engine_error(exc))
+    app.exception_handler(CharrnnError)(lambda request, exc: charrnn_error(exc))
     app.add_middleware(Guard, options=security or SecurityOptions(), public_paths={"/health"})  # also answers a 500
     if replica is not None:
         app.add_middleware(ReplicaHeader, replica=replica)
 
+    def check_model(requested):
+        if requested is not None and requested != name:
+            raise ModelNotFound(f"model {requested!r} not found: this server serves {name!r}", "model")
+
     @app.get("/health")
     async def health():
+        """200 while serving; 503 while draining or if the engine's loop died (a balancer routes elsewhere)."""
         metrics = engine.metrics()
-        return {"status": "ok", "model": name, "replica": replica, "active_rows": metrics["active_rows"],
-                "waiting_requests": metrics["waiting_requests"]}
+        return JSONResponse({"status": engine.status, "model": name, "replica": replica,
+                             "active_rows": metrics["active_rows"], "waiting_requests": metrics["waiting_requests"]},
+                            status_code=200 if engine.status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -180,93 +185,36 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
         return PlainTextResponse(prometheus(engine.metrics()), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        try:  # parsed here, not by FastAPI: JSON whatever the content-type (curl -d), and 400 instead of 422
-            body = CompletionRequest.model_validate_json(await request.body())
-        except ValidationError as e:
-            return validation_error(e)
-        if body.model is not None and body.model != name:
-            return error(404, f"model {body.model!r} not found: this server serves {name!r}", "model")
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                return error(400, f"prompt: one prompt per request, got a list of {len(prompt)}", "prompt")
-            prompt = prompt[0]
-        params = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed, body.stop, body.max_tokens)
+    async def create_completion(request: Request):
+        body = parse(CompletionRequest, await request.body())
+        check_model(body.model)
+        prompt, params = prompt_of(body), sampling_params(body)
+        requests = submit_all(lambda i: engine.submit(prompt, params=params.row(i)), body.n)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
-        if body.stream:  # submitted (or refused with a 4xx/503) before the response starts
-            requests = submit_all(lambda i: engine.stream(prompt, params=params.row(i)), body.n)
-            return StreamingResponse(stream_events(head, requests), media_type="text/event-stream")
-        done = await cancel_on_disconnect(request, gather_all_or_none(
-            engine.generate(prompt, params=params.row(i)) for i in range(body.n)))
-        generated = sum(c.generated_chars for c in done)
-        return {**head, "seed": params.seed,
-                "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
-                            for i, c in enumerate(done)],
-                "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated,
-                          "total_tokens": len(prompt) + generated}}
+        if body.stream:  # the rows are taken (or refused with a 503) before the response starts
+            await cancel_on_disconnect(request, wait_all(requests, lambda r: r.admitted()))
+            for r in requests:
+                r.streaming = True
+            return StreamingResponse(stream_events(head, body, prompt, requests), media_type="text/event-stream")
+        await cancel_on_disconnect(request, wait_all(requests, lambda r: r.wait()))
+        return completion_response(head, body, prompt, requests, params.seed)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's: the prompt's character ids."""
+        body = parse(TokenizeRequest, await request.body())
+        check_model(body.model)
+        ids = model.encode(body.prompt).tolist()
+        return {"count": len(ids), "max_model_len": engine.max_length, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's: the text of character ids."""
+        body = parse(DetokenizeRequest, await request.body())
+        check_model(body.model)
+        if not all(0 <= i < len(model.vocab) for i in body.tokens):
+            raise CharrnnError(f"tokens must be character ids in [0, {len(model.vocab)})", "tokens")
+        return {"prompt": "".join(model.vocab[i] for i in body.tokens)}
 
     return app
-
-
-async def stream_events(head, requests):
-    """Server-sent events merging the choices' engine requests, ending with [DONE].
-
-    Each event carries what a choice's row produced since its last event (the engine coalesces
-    characters), and a final event per choice its finish_reason. Leaving early (the client went
-    away) cancels the requests, which frees their rows."""
-    queue = asyncio.Queue()
-
-    async def pump(index, request):
-        try:
-            async for chunk in request:
-                queue.put_nowait((index, chunk, None))
-            queue.put_nowait((index, "", request.finish_reason))
-        except Exception as e:  # noqa: BLE001 - sent to the client as the stream's last event
-            queue.put_nowait((index, None, e))
-
-    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, chunk, end = await queue.get()
-            if chunk is None:
-                yield sse({"error": {"message": str(end), "type": "server_error", "param": None, "code": None}})
-                return
-            remaining -= end is not None
-            yield sse({**head, "choices": [{"text": chunk, "index": index, "logprobs": None, "finish_reason": end}]})
-        yield "data: [DONE]\n\n"
-    finally:
-        for request in requests:
-            request.cancel()
-        await cancel_all(tasks)
-
-
-PROMETHEUS = [  # (name, type, help, engine metric)
-    ("charrnn_requests_total", "counter", "Finished requests by finish reason.", "requests_total"),
-    ("charrnn_requests_rejected_total", "counter", "Requests refused (queue full or draining).",
-     "requests_rejected_total"),
-    ("charrnn_prompt_chars_total", "counter", "Prompt characters fed.", "prompt_chars_total"),
-    ("charrnn_generated_chars_total", "counter", "Characters generated.", "generated_chars_total"),
-    ("charrnn_active_rows", "gauge", "Requests in the batch now.", "active_rows"),
-    ("charrnn_waiting_requests", "gauge", "Requests waiting for a row.", "waiting_requests"),
-    ("charrnn_max_batch", "gauge", "Rows the batch can hold.", "max_batch"),
-    ("charrnn_step_seconds", "summary", "Time per batched step.", "step_seconds_sum"),
-    ("charrnn_batch_rows", "summary", "Rows per batched step (the batch size).", "batch_rows_sum"),
-]
-
-
-def prometheus(metrics):
-    """The engine's metrics in Prometheus' text format (summaries count steps)."""
-    lines = []
-    for name, kind, help, key in PROMETHEUS:
-        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
-        value = metrics[key]
-        if kind == "summary":
-            lines += [f"{name}_sum {value}", f"{name}_count {metrics['steps_total']}"]
-        elif isinstance(value, dict):
-            lines += [f'{name}{{finish_reason="{reason}"}} {count}' for reason, count in sorted(value.items())]
-        else:
-            lines.append(f"{name} {value}")
-    return "\n".join(lines) + "\n"

@@ -87,6 +87,11 @@ def origins(ctx, param, values):
               help="On SIGTERM, how long requests in flight may take to finish before they are cancelled.")
 @click.option("--max-waiting", type=click.IntRange(min=1), default=256, show_default=True,
               help="Requests that may wait for a free row; more get 503 with Retry-After.")
+@click.option("--queue-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds a request may wait for a free row; then 503 with Retry-After.  [default: no limit]")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds a request may take from its arrival; then it ends with the text it has, "
+                   "finish_reason \"timeout\".  [default: no limit]")
 @click.option("--api-key", "api_keys", metavar="KEY", multiple=True, callback=keys, envvar="CHARRNN_API_KEY",
               show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
@@ -107,11 +112,13 @@ def origins(ctx, param, values):
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --ray: replicas, each a process with its own model and batch.")
 def main(model_path, host, port, variant, provider, max_batch, spin, stream_interval, drain_seconds, max_waiting,
-         api_keys, api_key_file, allowed_origins, allowed_hosts, max_body_bytes, use_ray, address, replicas):
+         queue_timeout, request_timeout, api_keys, api_key_file, allowed_origins, allowed_hosts, max_body_bytes,
+         use_ray, address, replicas):
     if not use_ray and (address or replicas != 1):
         raise BadInput("--address and --replicas need --ray")
     load_options = dict(provider=provider, variant=variant, spinning=spin)
-    engine_options = dict(max_batch=max_batch, max_waiting=max_waiting, flush_seconds=stream_interval)
+    engine_options = dict(max_batch=max_batch, max_waiting=max_waiting, flush_seconds=stream_interval,
+                          queue_timeout=queue_timeout, request_timeout=request_timeout)
     security = SecurityOptions(api_keys=api_keys + api_key_file, allowed_origins=allowed_origins,
                                allowed_hosts=allowed_hosts, bind_host=host,
                                max_body_bytes=max_body_bytes)
