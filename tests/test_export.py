@@ -43,7 +43,9 @@ def test_manifest_records_validation_and_hashes(tiny_bundle, tiny_run):
     for fmt in ("saved_model", "onnx", "onnx-reference"):
         assert manifest["validation"][fmt]["max_abs_logit_diff"] <= 1e-4
         assert len(manifest["validation"][fmt]["cases"]) == 4
-    assert manifest["validation"]["int8"]["cost_bits_per_char"] < 0.1
+    int8 = manifest["validation"]["int8"]
+    assert int8["cost_bits_per_char"] <= 0.01 and int8["max_abs_logit_diff"] > 0
+    assert int8["rows"]["identical"] and int8["rows"]["max_abs_diff"] == 0
     assert manifest["sampling_loops"] == {"int8": "loop.int8.onnx"}
     loop = manifest["validation"]["loop"]["int8"]
     assert loop["identical_chars"] and loop["max_abs_diff"] <= 1e-4 and len(loop["cases"]) == 4
@@ -215,6 +217,67 @@ def test_stacked_lstm_exports_every_layers_state(tiny_stacked_lstm_bundle):
     assert [o.name for o in loop.graph.output] == ["next_logits", "next_hidden_0", "next_cell_0", "next_hidden_1",
                                                    "next_cell_1", "chars"]
     assert manifest["validation"]["loop"]["int8"]["identical_chars"]
+
+
+def test_int8_rows_do_not_depend_on_their_neighbours(tiny_bundle):
+    """A row's int8 logits are the same bits alone and beside any neighbours, even a state far outside the
+    hidden range (bundles exported before took one activation scale from the whole batch)."""
+    import onnx
+
+    import charrnn_runtime
+    from charrnn_runtime.state import State
+
+    ops = {node.op_type for node in onnx.load(str(tiny_bundle / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "MatMulIntegerToFloat"} <= ops and "DynamicQuantizeLinear" not in ops
+    model = charrnn_runtime.load(tiny_bundle, provider="cpu", variant="int8")
+    row = model.feed(model.initial_state(), "".join(model.vocab[10:30]))
+    neighbours = State({name: np.linspace(-50, 50, 3 * a.shape[1], dtype=np.float32).reshape(3, -1)
+                        for name, a in row.arrays.items()}, np.zeros((3, len(model.vocab)), np.float32))
+    alone, together = model.step(row, [4]), model.step(State.concat([neighbours, row]), [1, 2, 3, 4])
+    assert np.array_equal(together.logits[3], alone.logits[0])
+    assert all(np.array_equal(together.arrays[name][3], a[0]) for name, a in alone.arrays.items())
+
+
+def test_requantize_gives_an_old_bundle_independent_int8_rows_without_tensorflow(tiny_bundle, tmp_path):
+    """Bundles exported before took their int8 model from onnxruntime's dynamic quantization: they still
+    load, and `charrnn-export --requantize` derives the new int8 model and sampling loop from their fp32
+    model in place, without importing TensorFlow; the fp32 model is kept as it was."""
+    import shutil
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import charrnn_runtime
+    from charrnn_export import writing
+    from charrnn_runtime.files import sha256_file
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    quantize_dynamic(old / "model.onnx", old / "model.int8.onnx", op_types_to_quantize=["MatMul"], per_channel=True,
+                     weight_type=QuantType.QInt8)
+    facts = {key: value for key, value in manifest.items() if key not in writing.MODEL_ENTRIES}
+    writing.save_model(onnx.load(str(old / "model.int8.onnx")), old / "model.int8.onnx", {**facts, "variant": "int8"})
+    writing.write_manifest(old, facts, names=manifest["files"])
+    assert len(charrnn_runtime.load(old, provider="cpu", variant="int8").generate("", 20, seed=1)) == 20
+
+    result = run_python("import sys; from charrnn_export.cli import main\n"
+                        f"try: main([{str(old)!r}, '--requantize'])\n"
+                        "except SystemExit as e: assert e.code == 0, e.code\n"
+                        "assert 'tensorflow' not in sys.modules")
+    assert result.returncode == 0, result.stderr
+    assert "rows stepped together = alone" in result.stderr
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest["validation"]["int8"]["rows"]["identical"]
+    assert set(manifest["files"]) == set(json.loads((tiny_bundle / "manifest.json").read_text())["files"])
+    assert all(sha256_file(old / name) == digest for name, digest in manifest["files"].items())
+    assert sha256_file(old / "model.onnx") == sha256_file(tiny_bundle / "model.onnx")
+    ops = {node.op_type for node in onnx.load(str(old / "model.int8.onnx")).graph.node}
+    assert "MatMulIntegerToFloat" in ops and "DynamicQuantizeLinear" not in ops
+    model = charrnn_runtime.load(old, provider="cpu", variant="int8")
+    assert model.loop_session is not None and len(model.generate("", 20, seed=1)) == 20
+    assert_one_line_error(_export_cli([old, tmp_path / "out", "--requantize"]), "give no OUT")
+    assert_one_line_error(_export_cli([tmp_path / "missing", "--requantize"]), "not a charrnn model bundle")
 
 
 def test_bad_sources(tmp_path, tiny_run):

@@ -16,7 +16,8 @@ import tensorflow as tf
 from charrnn_runtime.bundle import StateTensor
 from charrnn_runtime.errors import CharrnnError
 
-TENSORS = {"char": "char", "logits": "logits"}
+from .validate import TENSORS
+
 RECURRENT = {"GRU": "gru", "LSTM": "lstm"}
 ROLES = {"gru": ("hidden",), "lstm": ("hidden", "cell")}
 

@@ -5,6 +5,9 @@ from pathlib import Path
 
 from charrnn_runtime.errors import CharrnnError
 from charrnn_train.config import Run
+from charrnn_train.data import encode, held_out_start, read_corpus
+
+VALIDATION_TAIL_CHARS = 4000
 
 
 def find_source(path, vocab_file=None):
@@ -40,3 +43,26 @@ def check_out(out, force):
         raise CharrnnError(f"output exists: {out} (use --force to replace it)")
     if out.exists() and not (out / "manifest.json").is_file():
         raise CharrnnError(f"refusing to replace {out}: it is not a charrnn bundle")
+
+
+def validation_text(config, path=None):
+    """(text, description) to validate an export on: the file at `path`, else the held-out split of the
+    training corpus, else its tail (seen in training). `config`: the run's config as a dict, or None."""
+    if path:
+        return read_corpus(path), {"source": str(path), "held_out": True}
+    if config is None:
+        raise CharrnnError("no training run to take validation text from: pass --validation-text FILE")
+    text = read_corpus(config["corpus"])
+    if config["validation_fraction"] > 0:
+        tail = text[held_out_start(len(text), config["validation_fraction"]):]
+        return tail, {"source": f"validation split of {config['corpus']}", "held_out": True}
+    return text[-VALIDATION_TAIL_CHARS:], {"source": f"last {VALIDATION_TAIL_CHARS} characters of "
+                                           f"{config['corpus']} (seen in training)", "held_out": False}
+
+
+def encode_text(text, vocab):
+    """Ids of the validation text, or a clear error for characters the model does not know."""
+    unknown = sorted(set(text) - set(vocab))
+    if unknown:
+        raise CharrnnError(f"validation text has characters outside the vocabulary: {unknown!r}")
+    return encode(text, vocab)

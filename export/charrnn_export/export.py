@@ -3,7 +3,7 @@
 A bundle is a directory:
     manifest.json     vocabulary, shapes, tensor names, training facts, validation, sha256 of every file
     model.onnx        the single-step cell (fp32); its metadata carries the manifest's facts
-    model.int8.onnx   the same cell with int8 weights (onnxruntime dynamic quantization)
+    model.int8.onnx   the same cell with int8 weights and a fixed activation scale (quantize.py)
     loop.int8.onnx    the int8 cell in an ONNX Loop that samples K characters per call (loop.py)
     saved_model/      the cell as a TensorFlow SavedModel (serving signature = the step)
     training/         what it was trained with: config, vocabulary, history, loss plot, Keras model
@@ -11,8 +11,6 @@ It is built in a temporary directory and renamed into place only after validatio
 """
 
 import dataclasses
-import json
-import logging
 import platform
 import shutil
 from pathlib import Path
@@ -24,20 +22,18 @@ import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 from onnx.reference import ReferenceEvaluator
-from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from charrnn_runtime import files
-from charrnn_runtime.bundle import FORMAT, FORMAT_VERSION, METADATA_KEY, VARIANTS
+from charrnn_runtime.bundle import FORMAT, FORMAT_VERSION, VARIANTS
 from charrnn_runtime.errors import CharrnnError
-from charrnn_train.data import encode, held_out_start, read_corpus
 
-from . import loop, validate
+from . import checks, quantize, validate, writing
 from .cell import TENSORS, Cell, cell_weights, state_spec, vocab_size
-from .checks import check_out, find_source
+from .checks import check_out, encode_text, find_source
+from .validate import cpu_session, named_step, onnx_step
 
 OPSET = 18  # the newest tf2onnx 1.17 knows
 TRAINING_FILES = ("config.json", "vocab.json", "history.json", "loss.png", "model.keras")
-VALIDATION_TAIL_CHARS = 4000
 
 
 class Source:
@@ -55,17 +51,7 @@ class Source:
 
     def validation_text(self, path=None):
         """(text, description): the given file, else the run's held-out tail, else its corpus' tail."""
-        if path:
-            return read_corpus(path), {"source": str(path), "held_out": True}
-        if self.run is None:
-            raise CharrnnError("a bare .keras model needs --validation-text FILE to validate the export")
-        config = self.run.config
-        text = read_corpus(config.corpus)
-        if config.validation_fraction > 0:
-            tail = text[held_out_start(len(text), config.validation_fraction):]
-            return tail, {"source": f"validation split of {config.corpus}", "held_out": True}
-        return text[-VALIDATION_TAIL_CHARS:], {"source": f"last {VALIDATION_TAIL_CHARS} characters of "
-                                               f"{config.corpus} (seen in training)", "held_out": False}
+        return checks.validation_text(self.run and dataclasses.asdict(self.run.config), path)
 
     def training_facts(self):
         """The run's config and the record of the epoch whose weights are exported ("final"): the best
@@ -79,10 +65,7 @@ class Source:
                 "final": {k: v for k, v in exported.items() if k not in ("seconds", "cpu_seconds")}}
 
     def encode(self, text):
-        unknown = sorted(set(text) - set(self.vocab))
-        if unknown:
-            raise CharrnnError(f"validation text has characters outside the vocabulary: {unknown!r}")
-        return encode(text, self.vocab)
+        return encode_text(text, self.vocab)
 
 
 def to_onnx(cell):
@@ -95,19 +78,6 @@ def to_onnx(cell):
     return proto
 
 
-def named_step(run, spec):
-    """step(char, state) → (logits, next state) over `run(inputs) → {output name: array}`."""
-    def step(char, state):
-        out = run({TENSORS["char"]: char, **state})
-        return np.asarray(out[TENSORS["logits"]]), {t.input: np.asarray(out[t.output]) for t in spec}
-    return step
-
-
-def onnx_step(session, spec):
-    names = [o.name for o in session.get_outputs()]
-    return named_step(lambda inputs: dict(zip(names, session.run(names, inputs))), spec)
-
-
 def saved_model_step(path, spec):
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
     return named_step(lambda inputs: serve(**{k: tf.constant(v) for k, v in inputs.items()}), spec)
@@ -117,28 +87,6 @@ def reference_step(proto, spec):
     evaluator = ReferenceEvaluator(proto)
     names = [o.name for o in proto.graph.output]
     return named_step(lambda inputs: dict(zip(names, evaluator.run(names, inputs))), spec)
-
-
-def cpu_session(model):
-    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-
-
-def quantize_int8(fp32_model, int8_path):
-    """Dynamic int8 quantization of the matmul weights (the gather table stays fp32)."""
-    logging.disable(logging.WARNING)  # it advises shape pre-processing, which is for conv nets
-    try:
-        quantize_dynamic(fp32_model, int8_path, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8)
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def int8_cost(fp32_model, int8_model, ids, spec):
-    """Bits per character of both variants on the validation text (4 rows, teacher-forced)."""
-    rows = validate.segments(ids, 4, len(ids) // 4 - 1)
-    bpc = [validate.bits_per_char(validate.step_through(onnx_step(cpu_session(model), spec), rows[:, :-1], spec),
-                                  rows[:, 1:]) for model in (fp32_model, int8_model)]
-    return {"bits_per_char": bpc[1], "fp32_bits_per_char": bpc[0], "cost_bits_per_char": bpc[1] - bpc[0]}
 
 
 def versions():
@@ -159,12 +107,6 @@ def network(weights):
     """What the cell computes, for people reading the manifest."""
     return {"layers": [{"cell": layer["cell"], "units": layer["recurrent_kernel"].shape[0]}
                        for layer in weights["layers"]], "embedding": "folded into the first layer's input table"}
-
-
-def set_metadata(proto, facts):
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(facts, ensure_ascii=False)
 
 
 def export(source, out, force=False, validation_text=None, tolerance=validate.TOLERANCE, runtime_only=False,
@@ -201,22 +143,10 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
             "training": source.training_facts(), "versions": versions(),
             "validation": {"text": {**text_facts, "chars": len(ids)}, **results},
         }
-        int8_path = tmp / VARIANTS["int8"]
-        quantize_int8(proto, int8_path)
-        facts["validation"]["int8"] = int8_cost(proto.SerializeToString(), str(int8_path), ids, spec)
-        log(f"int8         bits/char {facts['validation']['int8']['bits_per_char']:.4f}, cost "
-            f"{facts['validation']['int8']['cost_bits_per_char']:+.4f} vs fp32 (held-out: {text_facts['held_out']})")
-        cells = {"fp32": proto, "int8": onnx.load_model(str(int8_path))}
-        loops = {variant: loop.wrap(cells[variant], spec, TENSORS) for variant in loop.LOOP_VARIANTS}
-        facts["validation"]["loop"] = {variant: loop.compare(
-            cpu_session(model.SerializeToString()), onnx_step(cpu_session(cells[variant].SerializeToString()), spec),
-            ids, spec, tolerance=tolerance, log=log) for variant, model in loops.items()}
-        for variant, model in cells.items():
-            set_metadata(model, {**facts, "variant": variant})
-            onnx.save_model(model, str(tmp / VARIANTS[variant]))
-        for variant, model in loops.items():
-            set_metadata(model, {**facts, "variant": variant, "sampling_loop": True})
-            onnx.save_model(model, str(tmp / loop.LOOP_VARIANTS[variant]))
+        int8 = quantize.int8_variant(proto, ids, spec, text_facts["held_out"], tolerance, log)
+        facts["validation"].update(int8.validation)
+        writing.save_model(proto, tmp / VARIANTS["fp32"], {**facts, "variant": "fp32"})
+        writing.save_int8(int8, tmp, facts)
 
         if runtime_only:
             shutil.rmtree(tmp / "saved_model")
@@ -226,9 +156,6 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
                 if (source.run.path / name).is_file() and not (runtime_only and name == "model.keras"):
                     shutil.copy2(source.run.path / name, tmp / "training" / name)
 
-        manifest = {**facts, "variants": VARIANTS, "sampling_loops": loop.LOOP_VARIANTS, "files": {
-            str(p.relative_to(tmp)): files.sha256_file(p)
-            for p in sorted(tmp.rglob("*")) if p.is_file()}}
-        files.write_json(tmp / "manifest.json", manifest)
+        manifest = writing.write_manifest(tmp, facts)
     log(f"wrote {out}")
     return manifest

@@ -8,8 +8,11 @@ the tolerance (max abs), and so must the bits per character.
 import math
 
 import numpy as np
+import onnxruntime as ort
 
 from charrnn_runtime.errors import CharrnnError
+
+TENSORS = {"char": "char", "logits": "logits"}  # the cell's input and output besides its state (cell.py)
 
 TOLERANCE = 1e-4
 LONG, SHORT = 256, 32
@@ -44,6 +47,23 @@ def bits_per_char(logits, targets):
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
     nll = -np.take_along_axis(log_probs, targets[..., None], axis=-1)
     return float(nll.mean() / math.log(2))
+
+
+def named_step(run, spec):
+    """step(char, state) → (logits, next state) over `run(inputs) → {output name: array}`."""
+    def step(char, state):
+        out = run({TENSORS["char"]: char, **state})
+        return np.asarray(out[TENSORS["logits"]]), {t.input: np.asarray(out[t.output]) for t in spec}
+    return step
+
+
+def onnx_step(session, spec):
+    names = [o.name for o in session.get_outputs()]
+    return named_step(lambda inputs: dict(zip(names, session.run(names, inputs))), spec)
+
+
+def cpu_session(model):
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 
 
 def step_through(step, inputs, spec):
