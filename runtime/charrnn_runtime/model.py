@@ -129,6 +129,19 @@ class Model:
         loss = nll / chars
         return {"loss": loss, "bits_per_char": loss / math.log(2), "chars": chars}
 
+    def trace(self, text: str, state: State | None = None) -> dict[str, np.ndarray]:
+        """The state after each character of `text`, fed from `state` (default: the initial one), to
+        look inside the network: {state tensor input name: [streams, len(text), size]}, where
+        `state_spec` says each tensor's layer and role (hidden, or an LSTM's cell)."""
+        ids, state = self.encode(text), state if state is not None else self.initial_state()
+        traced = {t.input: np.empty((len(state), len(ids), t.size), np.float32) for t in self.state_spec}
+        stepper = Stepper(self, state)
+        for i, char in enumerate(ids):
+            stepper.step(char)
+            for name, array in stepper.state().arrays.items():
+                traced[name][:, i] = array
+        return traced
+
     # -- generation --------------------------------------------------------------------------------
 
     def generator(self, prompt: str = "", num_samples: int = 1, seed: int | None = None,

@@ -4,10 +4,11 @@
 
 Routes: POST /v1/completions (completions.py), POST /tokenize and /detokenize (vLLM's), GET
 /v1/models, GET /health (503 while draining or if the engine's loop died), GET /metrics
-(Prometheus, metrics.py). Every error is OpenAI's JSON error object naming the field (`param`,
-from CharrnnError.param): 400 for a bad request, 404 for an unknown model, 503 with Retry-After
-while the engine is full or draining. The app owns the engine: it drains and closes it at shutdown.
-Every request first passes security.py's checks (API keys, Host, Origin, Content-Type, size).
+(Prometheus, metrics.py); the playground's page at / and POST /v1/states (playground.py). Every
+error is OpenAI's JSON error object naming the field (`param`, from CharrnnError.param): 400 for a
+bad request, 404 for an unknown model, 503 with Retry-After while the engine is full or draining.
+The app owns the engine: it drains and closes it at shutdown. Every request first passes
+security.py's checks (API keys, Host, Origin, Content-Type, size).
 """
 
 import asyncio
@@ -25,6 +26,7 @@ from charrnn_runtime.errors import CharrnnError
 from .completions import CompletionRequest, prompt_of, sampling_params, stream_events
 from .completions import response as completion_response
 from .metrics import prometheus
+from .playground import PUBLIC_PATHS, add_playground
 from .security import Guard, SecurityOptions, openai_error
 
 # The request field of each Python API name that a CharrnnError's .param can carry (others are the same).
@@ -158,7 +160,8 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
     app = FastAPI(title="charrnn", lifespan=lifespan)
     app.exception_handler(HTTPException)(lambda request, exc: error(exc.status_code, str(exc.detail)))
     app.exception_handler(CharrnnError)(lambda request, exc: charrnn_error(exc))
-    app.add_middleware(Guard, options=security or SecurityOptions(), public_paths={"/health"})  # also answers a 500
+    app.add_middleware(Guard, options=security or SecurityOptions(),  # also answers a 500
+                       public_paths={"/health", *PUBLIC_PATHS})
     if replica is not None:
         app.add_middleware(ReplicaHeader, replica=replica)
 
@@ -216,5 +219,7 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
         if not all(0 <= i < len(model.vocab) for i in body.tokens):
             raise CharrnnError(f"tokens must be character ids in [0, {len(model.vocab)})", "tokens")
         return {"prompt": "".join(model.vocab[i] for i in body.tokens)}
+
+    add_playground(app, model, parse, check_model)  # the page at / and POST /v1/states
 
     return app
