@@ -121,7 +121,7 @@ def test_threads_use_the_blocking_api(engine, model):
 
 def test_zero_length_and_a_random_seed_is_reported(engine, model):
     prompt = model.vocab[1] * 3
-    assert engine.submit(prompt, 0, seed=3).result(timeout=10) == Completion("", "length", 3, 3, 0)
+    assert engine.submit(prompt, 0, seed=3).result(timeout=10) == Completion("", "length", 3, 3, 0, cached_chars=0)
     completion = engine.submit("", 40).result(timeout=10)
     assert completion.text == model.generate("", 40, seed=completion.seed)
 

@@ -164,7 +164,8 @@ def test_runtime_only_bundle_leaves_out_the_savedmodel_and_keras_model(tiny_run,
     assert result.exit_code == 0, result.output
     assert "saved_model  max |Δlogit|" in result.output  # still validated
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert sorted(manifest["files"]) == ["loop.int8.onnx", "model.int8.onnx", "model.onnx", "training/config.json",
+    assert sorted(manifest["files"]) == ["loop.int8.onnx", "model.int8.onnx", "model.onnx", "prefill.int8.onnx",
+                                         "prefill.onnx", "training/config.json",
                                          "training/history.json", "training/loss.png", "training/vocab.json"]
     assert sorted(str(p.relative_to(tmp_path / "bundle")) for p in (tmp_path / "bundle").rglob("*")
                   if p.is_file()) == sorted([*manifest["files"], "manifest.json"])
@@ -238,10 +239,11 @@ def test_int8_rows_do_not_depend_on_their_neighbours(tiny_bundle):
     assert all(np.array_equal(together.arrays[name][3], a[0]) for name, a in alone.arrays.items())
 
 
-def test_requantize_gives_an_old_bundle_independent_int8_rows_without_tensorflow(tiny_bundle, tmp_path):
-    """Bundles exported before took their int8 model from onnxruntime's dynamic quantization: they still
-    load, and `charrnn-export --requantize` derives the new int8 model and sampling loop from their fp32
-    model in place, without importing TensorFlow; the fp32 model is kept as it was."""
+def test_upgrade_gives_an_old_bundle_independent_int8_rows_and_prefill_without_tensorflow(tiny_bundle, tmp_path):
+    """Bundles exported before took their int8 model from onnxruntime's dynamic quantization and had no
+    prefill graphs: they still load, and `charrnn-export --upgrade` derives the new int8 model, sampling
+    loop and prefill graphs from their fp32 model in place, without importing TensorFlow; the fp32 model
+    is kept as it was."""
     import shutil
 
     import onnx
@@ -254,15 +256,19 @@ def test_requantize_gives_an_old_bundle_independent_int8_rows_without_tensorflow
     old = tmp_path / "old"
     shutil.copytree(tiny_bundle, old)
     manifest = json.loads((old / "manifest.json").read_text())
+    for name in manifest.pop("prefill").values():
+        (old / name).unlink()
+        del manifest["files"][name]
     quantize_dynamic(old / "model.onnx", old / "model.int8.onnx", op_types_to_quantize=["MatMul"], per_channel=True,
                      weight_type=QuantType.QInt8)
     facts = {key: value for key, value in manifest.items() if key not in writing.MODEL_ENTRIES}
     writing.save_model(onnx.load(str(old / "model.int8.onnx")), old / "model.int8.onnx", {**facts, "variant": "int8"})
     writing.write_manifest(old, facts, names=manifest["files"])
-    assert len(charrnn_runtime.load(old, provider="cpu", variant="int8").generate("", 20, seed=1)) == 20
+    before = charrnn_runtime.load(old, provider="cpu", variant="int8")
+    assert before.prefill_session is None and len(before.generate("ab", 20, seed=1)) == 20
 
     result = run_python("import sys; from charrnn_export.cli import main\n"
-                        f"try: main([{str(old)!r}, '--requantize'])\n"
+                        f"try: main([{str(old)!r}, '--upgrade'])\n"
                         "except SystemExit as e: assert e.code == 0, e.code\n"
                         "assert 'tensorflow' not in sys.modules")
     assert result.returncode == 0, result.stderr
@@ -275,8 +281,10 @@ def test_requantize_gives_an_old_bundle_independent_int8_rows_without_tensorflow
     ops = {node.op_type for node in onnx.load(str(old / "model.int8.onnx")).graph.node}
     assert "MatMulIntegerToFloat" in ops and "DynamicQuantizeLinear" not in ops
     model = charrnn_runtime.load(old, provider="cpu", variant="int8")
-    assert model.loop_session is not None and len(model.generate("", 20, seed=1)) == 20
-    assert_one_line_error(_export_cli([old, tmp_path / "out", "--requantize"]), "give no OUT")
+    assert model.loop_session is not None and model.prefill_session is not None
+    assert len(model.generate("", 20, seed=1)) == 20
+    assert set(manifest["validation"]["prefill"]) == {"fp32", "int8"}
+    assert_one_line_error(_export_cli([old, tmp_path / "out", "--upgrade"]), "give no OUT")
     assert_one_line_error(_export_cli([tmp_path / "missing", "--requantize"]), "not a charrnn model bundle")
 
 

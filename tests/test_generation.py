@@ -51,25 +51,28 @@ def test_the_seed_is_drawn_once_and_stop_strings_normalised():
 def test_a_sequence_goes_through_its_states():
     sequence = Sequence([0, 1], SamplingParams(seed=0, length=3), VOCAB)
     assert sequence.status is Status.WAITING
-    sequence.start()
+    sequence.start_prefill()
     assert sequence.status is Status.PREFILL
-    assert [sequence.next_prompt_id(), sequence.next_prompt_id()] == [0, 1]
-    assert sequence.status is Status.GENERATING
+    sequence.prefilled(cached=2)
+    assert sequence.status is Status.GENERATING and sequence.cached == 2
     assert [sequence.accept(2), sequence.accept(0), sequence.accept(1)] == [False, False, True]
     assert (sequence.status, sequence.finish_reason, sequence.text) == (Status.FINISHED, "length", "cab")
 
 
 def test_a_stop_string_ends_a_sequence_where_it_completes():
     sequence = Sequence([], SamplingParams(seed=0, stop=["ca", "\n"], length=100), VOCAB)
-    sequence.start()
+    sequence.prefilled()
     assert [sequence.accept(i) for i in (0, 1, 2, 0)] == [False, False, False, True]
     assert (sequence.finish_reason, sequence.text) == ("stop", "abca")
 
 
-def test_zero_length_finishes_when_it_starts():
-    sequence = Sequence([0], SamplingParams(seed=0, length=0), VOCAB)
-    sequence.start()
+def test_zero_length_finishes_once_its_prompt_is_fed_with_its_logprobs():
+    sequence = Sequence([0, 2], SamplingParams(seed=0, length=0, prompt_logprobs=1), VOCAB)
+    sequence.prefilled(np.log([[0.25] * 4, [0.1, 0.2, 0.3, 0.4]]))
     assert (sequence.status, sequence.finish_reason) == (Status.FINISHED, "length")
+    assert sequence.prompt_logprobs[0] is None
+    assert sequence.prompt_logprobs[1] == (pytest.approx(np.log(0.3)), {"\n": pytest.approx(np.log(0.4)),
+                                                                        "c": pytest.approx(np.log(0.3))})
 
 
 @pytest.mark.parametrize("stop", [(), ("ab",)])
@@ -77,7 +80,7 @@ def test_accepting_many_equals_accepting_each(stop):
     ids = np.random.default_rng(0).integers(0, len(VOCAB), 300)
     one, many = (Sequence([], SamplingParams(seed=0, stop=stop, length=250), VOCAB) for _ in range(2))
     for sequence in (one, many):
-        sequence.start()
+        sequence.prefilled()
     used = 0
     while not one.finished:
         one.accept(ids[used])

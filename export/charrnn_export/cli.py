@@ -16,8 +16,8 @@ HELP = """Turn a trained run into a validated model bundle (SavedModel + ONNX + 
 SOURCE is a run directory from charrnn-train, or a .keras file with a vocab.json beside it.
 OUT defaults to SOURCE/bundle for a run (SOURCE.bundle for a file).
 
-With --requantize, SOURCE is an existing bundle whose int8 variant and sampling loop are derived
-again from its fp32 ONNX model and validated, in place (no TensorFlow needed)."""
+With --upgrade, SOURCE is an existing bundle whose int8 variant, sampling loop and prefill graphs
+are derived again from its fp32 ONNX model and validated, in place (no TensorFlow needed)."""
 EPILOG = ("Every export is validated: held-out text is teacher-forced through the Keras model and stepped "
           "through the SavedModel, the ONNX model (onnxruntime) and onnx's reference evaluator; any logit "
           "or bits/char difference over the tolerance fails the export and nothing is written.")
@@ -37,16 +37,17 @@ EPILOG = ("Every export is validated: held-out text is teacher-forced through th
 @click.option("--runtime-only", is_flag=True,
               help="Leave the SavedModel and the Keras model out of OUT (both are still validated): "
                    "the ONNX variants, manifest and training history only, for shipping.")
-@click.option("--requantize", is_flag=True,
-              help="SOURCE is a bundle: replace its int8 model and sampling loop with ones made from its fp32 "
-                   "model.onnx by this charrnn (validated; the rest of the bundle is kept).")
+@click.option("--upgrade", "--requantize", "upgrade", is_flag=True,
+              help="SOURCE is a bundle: replace its int8 model, sampling loop and prefill graphs with ones made "
+                   "from its fp32 model.onnx by this charrnn (validated; the rest of the bundle is kept). "
+                   "--requantize: its old name.")
 @click.option("--verbose", is_flag=True, help="Show TensorFlow's and tf2onnx's own log lines.")
-def main(source, out, force, vocab_file, validation_text, tolerance, runtime_only, requantize, verbose):
+def main(source, out, force, vocab_file, validation_text, tolerance, runtime_only, upgrade, verbose):
     with cli_errors():  # bad arguments are reported before TensorFlow is imported (seconds)
         if not (tolerance > 0 and math.isfinite(tolerance)):
             raise BadInput(f"--tolerance must be a positive number, got {tolerance}")
-        if requantize:
-            return _requantize(source, out, validation_text, tolerance)
+        if upgrade:
+            return _upgrade(source, out, validation_text, tolerance)
         find_source(source, vocab_file)
         out = out or (Path(source) / "bundle" if Path(source).is_dir() else Path(source).with_suffix(".bundle"))
         check_out(out, force)
@@ -62,12 +63,12 @@ def main(source, out, force, vocab_file, validation_text, tolerance, runtime_onl
     click.echo(str(out))
 
 
-def _requantize(bundle, out, validation_text, tolerance):
+def _upgrade(bundle, out, validation_text, tolerance):
     if out is not None:
-        raise BadInput("--requantize rewrites the bundle SOURCE in place: give no OUT")
+        raise BadInput("--upgrade rewrites the bundle SOURCE in place: give no OUT")
     try:
-        from .quantize import requantize
+        from .derive import upgrade
     except ImportError:
         require_extra("train", "charrnn-export")
-    requantize(bundle, validation_text, tolerance, log=lambda line: click.echo(line, err=True))
+    upgrade(bundle, validation_text, tolerance, log=lambda line: click.echo(line, err=True))
     click.echo(str(bundle))

@@ -5,6 +5,7 @@ A bundle is a directory:
     model.onnx        the single-step cell (fp32); its metadata carries the manifest's facts
     model.int8.onnx   the same cell with int8 weights and a fixed activation scale (quantize.py)
     loop.int8.onnx    the int8 cell in an ONNX Loop that samples K characters per call (loop.py)
+    prefill.onnx, prefill.int8.onnx   each cell in an ONNX Scan: a whole prompt per call (prefill.py)
     saved_model/      the cell as a TensorFlow SavedModel (serving signature = the step)
     training/         what it was trained with: config, vocabulary, history, loss plot, Keras model
 It is built in a temporary directory and renamed into place only after validation passed.
@@ -27,9 +28,10 @@ from charrnn_runtime import files
 from charrnn_runtime.bundle import FORMAT, FORMAT_VERSION, VARIANTS
 from charrnn_runtime.errors import CharrnnError
 
-from . import checks, quantize, validate, writing
+from . import checks, validate, writing
 from .cell import TENSORS, Cell, cell_weights, state_spec, vocab_size
 from .checks import check_out, encode_text, find_source
+from .derive import derive
 from .validate import cpu_session, named_step, onnx_step
 
 OPSET = 18  # the newest tf2onnx 1.17 knows
@@ -143,10 +145,10 @@ def export(source, out, force=False, validation_text=None, tolerance=validate.TO
             "training": source.training_facts(), "versions": versions(),
             "validation": {"text": {**text_facts, "chars": len(ids)}, **results},
         }
-        int8 = quantize.int8_variant(proto, ids, spec, text_facts["held_out"], tolerance, log)
-        facts["validation"].update(int8.validation)
+        derived = derive(proto, ids, spec, text_facts["held_out"], tolerance, log)
+        facts["validation"].update(derived.validation)
         writing.save_model(proto, tmp / VARIANTS["fp32"], {**facts, "variant": "fp32"})
-        writing.save_int8(int8, tmp, facts)
+        writing.save_derived(derived, tmp, facts)
 
         if runtime_only:
             shutil.rmtree(tmp / "saved_model")

@@ -12,7 +12,6 @@ Measured on 2 CPU cores, one stream of the shipped model: int8 13.5k → 16.9k c
 """
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 from charrnn_runtime.bundle import LOOP_INPUTS as INPUTS
@@ -21,6 +20,7 @@ from charrnn_runtime.params import SamplingParams
 from charrnn_runtime.sampling import GumbelNoise, loop_inputs, sample
 
 from . import validate
+from .graph import inline_cell, model_like, value, vocab_size
 
 LOOP_VARIANTS = {"int8": "loop.int8.onnx"}
 STEPS = 64  # characters per call in validation
@@ -28,22 +28,9 @@ STEPS = 64  # characters per call in validation
 
 def wrap(cell, spec, tensors):
     """The sampling-loop model around `cell` (an ONNX single-step model with state tensors `spec`)."""
-    logits = next(o for o in cell.graph.output if o.name == tensors["logits"])
-    vocab = logits.type.tensor_type.shape.dim[-1].dim_value or None
-    inner = {name: f"step/{name}" for node in cell.graph.node for name in [*node.input, *node.output]}
-    inner.update({i.name: i.name for i in cell.graph.initializer})
-    inner[""] = ""  # an omitted optional input
-    inner[tensors["char"]] = "step/char"
+    vocab = vocab_size(cell, tensors)
+    step, inner = inline_cell(cell, spec, tensors, "step/", "step/char")
     state_in = [f"step/in/{t.input}" for t in spec]
-    inner.update({t.input: name for t, name in zip(spec, state_in)})
-
-    def renamed(node):
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.input[:] = [inner[name] for name in node.input]
-        copy.output[:] = [inner[name] for name in node.output]
-        return copy
-
     sample = [
         helper.make_node("Gather", [INPUTS["noise"], "step/iteration"], ["step/noise"], axis=0),
         helper.make_node("Cast", ["step/in/logits"], ["step/logits64"], to=TensorProto.DOUBLE),
@@ -56,12 +43,8 @@ def wrap(cell, spec, tensors):
     forward = [helper.make_node("Identity", ["step/condition"], ["step/out/condition"]),
                helper.make_node("Identity", ["step/char"], ["step/out/char"]),
                *(helper.make_node("Identity", [name], [f"step/out/{name}"]) for name in carried_out)]
-
-    def value(name, elem=TensorProto.FLOAT, shape=None):
-        return helper.make_tensor_value_info(name, elem, shape)
-
     body = helper.make_graph(
-        sample + [renamed(node) for node in cell.graph.node] + forward, "sample_and_step",
+        sample + step + forward, "sample_and_step",
         [value("step/iteration", TensorProto.INT64, []), value("step/condition", TensorProto.BOOL, []),
          value("step/in/logits"), *(value(name) for name in state_in)],
         [value("step/out/condition", TensorProto.BOOL, []), *(value(f"step/out/{name}") for name in carried_out),
@@ -78,10 +61,7 @@ def wrap(cell, spec, tensors):
          value(INPUTS["inv_temperature"], TensorProto.DOUBLE, [])],
         [value(OUTPUTS["logits"], shape=["batch", vocab]), *(value(t.output, shape=["batch", t.size]) for t in spec),
          value(OUTPUTS["chars"], TensorProto.INT32, ["steps", "batch"])])
-    model = helper.make_model(graph, opset_imports=list(cell.opset_import), producer_name=cell.producer_name)
-    model.ir_version = cell.ir_version
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return model_like(cell, graph)
 
 
 def compare(loop_session, cell_step, ids, spec, tolerance=validate.TOLERANCE, log=print):

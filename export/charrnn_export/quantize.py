@@ -15,21 +15,13 @@ With the fixed scale a row's logits are bit-identical at any batch size (checked
 the held-out cost is the same (+0.0002 bits/char), and a step is no slower (no min/max pass).
 """
 
-import json
-import shutil
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from charrnn_runtime import files
-from charrnn_runtime.bundle import state_spec
-from charrnn_runtime.errors import CharrnnError
-
-from . import loop, validate, writing
-from .checks import encode_text, validation_text
+from . import loop, validate
 
 ACTIVATION_SCALE, ACTIVATION_ZERO_POINT = 1 / 127, 128
 COST_LIMIT = 0.01  # bits/char the int8 variant may lose against fp32 on the validation text
@@ -140,32 +132,3 @@ def rows_alone(step, ids, spec):
         raise validate.ValidationFailed(f"int8 rows differ by {worst:.2e} when stepped together instead of "
                                         "alone; nothing was written")
     return {"batch": len(rows), "steps": rows.shape[1], "identical": True, "max_abs_diff": worst}
-
-
-def requantize(bundle, text_file=None, tolerance=validate.TOLERANCE, log=print):
-    """Replace an existing bundle's int8 cell and sampling loop with ones derived from its fp32 ONNX cell
-    and validated as an export validates them, without TensorFlow; the rest of the bundle is kept (the
-    fp32 file too: its metadata keeps the export's record). Atomic: the new bundle is built beside the
-    old one and swapped in. Returns the new manifest."""
-    bundle = Path(bundle)
-    try:
-        manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
-        fp32_file = bundle / manifest["variants"]["fp32"]
-        expected = manifest["files"][manifest["variants"]["fp32"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CharrnnError(f"not a charrnn model bundle (no readable manifest.json): {bundle}") from None
-    if files.sha256_file(fp32_file) != expected:
-        raise CharrnnError(f"{fp32_file} does not match its manifest sha256; re-export the bundle")
-    text, text_facts = validation_text((manifest.get("training") or {}).get("config"), text_file)
-    ids = encode_text(text, manifest["vocab"])
-    log(f"requantizing {bundle} on {len(ids):,} characters ({text_facts['source']})")
-    int8 = int8_variant(onnx.load_model(str(fp32_file)), ids, state_spec(manifest), text_facts["held_out"],
-                        tolerance, log)
-    facts = {key: value for key, value in manifest.items() if key not in writing.MODEL_ENTRIES}
-    facts["validation"] = {**facts["validation"], **int8.validation}
-    with files.atomic_directory(bundle, replace=True) as tmp:
-        shutil.copytree(bundle, tmp, dirs_exist_ok=True)
-        writing.save_int8(int8, tmp, facts)
-        manifest = writing.write_manifest(tmp, facts, names=manifest["files"])  # files added since stay unlisted
-    log(f"wrote {bundle}")
-    return manifest

@@ -7,9 +7,9 @@ import onnx
 from charrnn_runtime import files
 from charrnn_runtime.bundle import METADATA_KEY, VARIANTS
 
-from . import loop
+from . import loop, prefill
 
-MODEL_ENTRIES = ("variants", "sampling_loops", "files")  # the manifest's entries beyond the models' facts
+MODEL_ENTRIES = ("variants", "sampling_loops", "prefill", "files")  # the manifest's entries beyond the models' facts
 
 
 def save_model(model, path, facts):
@@ -20,18 +20,20 @@ def save_model(model, path, facts):
     onnx.save_model(model, str(path))
 
 
-def save_int8(int8, directory, facts):
-    """The int8 cell and its sampling loop (a quantize.Int8) into the bundle directory."""
-    save_model(int8.cell, directory / VARIANTS["int8"], {**facts, "variant": "int8"})
-    save_model(int8.loop, directory / loop.LOOP_VARIANTS["int8"], {**facts, "variant": "int8", "sampling_loop": True})
+def save_derived(derived, directory, facts):
+    """The derived graphs (a derive.Derived) into the bundle directory."""
+    for name, (model, own_facts) in derived.models.items():
+        save_model(model, directory / name, {**facts, **own_facts})
 
 
 def write_manifest(directory, facts, names=None):
-    """manifest.json: the facts, the variants and sampling loops, and the sha256 of the files `names`
-    (default: every other file of the directory)."""
+    """manifest.json: the facts, the variants, sampling loops and prefill graphs, and the sha256 of the
+    files `names` (default: every other file of the directory)."""
     if names is None:
         names = [str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()]
-    manifest = {**facts, "variants": VARIANTS, "sampling_loops": loop.LOOP_VARIANTS, "files": {
-        name: files.sha256_file(directory / name) for name in sorted(names) if name != "manifest.json"}}
+    listed = {name: files.sha256_file(directory / name) for name in sorted(names) if name != "manifest.json"}
+    manifest = {**facts, "variants": VARIANTS, "sampling_loops": loop.LOOP_VARIANTS,
+                "prefill": {variant: name for variant, name in prefill.PREFILL_VARIANTS.items() if name in listed},
+                "files": listed}
     files.write_json(directory / "manifest.json", manifest)
     return manifest

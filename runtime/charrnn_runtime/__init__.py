@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _API = {"load": "model", "Model": "model", "State": "state", "Generator": "generator",
-        "SamplingParams": "params", "Sequence": "sequence", "CharrnnError": "errors", "DEFAULT_MODEL": "bundle",
+        "SamplingParams": "params", "Sequence": "sequence", "Continuation": "state", "CharrnnError": "errors", "DEFAULT_MODEL": "bundle",
         "Engine": "engine", "EngineBusy": "engine", "Completion": "engine"}
 __all__ = list(_API)
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see of the lazy API
     from .model import Model, load
     from .params import SamplingParams
     from .sequence import Sequence
-    from .state import State
+    from .state import Continuation, State
 
 
 def __getattr__(name):

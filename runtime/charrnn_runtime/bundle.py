@@ -24,6 +24,10 @@ VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 # state tensors, and outputs besides the next state. Bundles list theirs under "sampling_loops".
 LOOP_INPUTS = {"steps": "steps", "logits": "logits", "noise": "noise", "inv_temperature": "inv_temperature"}
 LOOP_OUTPUTS = {"chars": "chars", "logits": "next_logits"}
+# The prefill graph (the cell in an ONNX Scan: a whole prompt per call): its input besides the state
+# tensors, and output besides the next state. Bundles list theirs under "prefill".
+PREFILL_INPUTS = {"chars": "chars"}
+PREFILL_OUTPUTS = {"logits": "logits"}
 MODEL_ENV = "CHARRNN_MODEL"
 # Installed: the runtime part of the shipped bundle, packaged in the wheel. In a source checkout,
 # charrnn_runtime/models links to the repository's models/.
@@ -31,13 +35,14 @@ DEFAULT_MODEL = (Path(__file__).parent / "models" / "shakespeare").resolve()
 
 
 class Located(NamedTuple):
-    """A model's files: the ONNX cell of a variant and, where the bundle has one, its sampling loop,
-    each with the sha256 the manifest expects (None for a bare .onnx file)."""
+    """A model's files: the ONNX cell of a variant and, where the bundle has them, its sampling loop
+    and prefill graph, each with the sha256 the manifest expects (None for a bare .onnx file)."""
 
     path: Path
     onnx: Path
     sha256: str | None
     loop: tuple[Path, str] | None = None
+    prefill: tuple[Path, str] | None = None
 
 
 def find(path: str | os.PathLike[str] | None = None, variant: str = "fp32") -> Located:
@@ -77,20 +82,30 @@ def locate(path, variant="fp32"):
         raise CharrnnError(f"not a charrnn model bundle (no manifest.json): {path}") from None
     except (ValueError, KeyError, TypeError):
         raise CharrnnError(f"damaged manifest.json in {path} (no {variant} model listed)") from None
-    try:  # bundles exported before the sampling loop, and variants without one, have none
-        loop = manifest.get("sampling_loops", {}).get(variant)
-        return Located(path, path / name, expected, loop and (path / loop, manifest["files"][loop]))
-    except (KeyError, TypeError, AttributeError):
-        raise CharrnnError(f"damaged manifest.json in {path} (sampling loop of {variant})") from None
+    # bundles exported before the sampling loop or the prefill graph, and variants without one, have none
+    companions = {}
+    for kind, key in (("loop", "sampling_loops"), ("prefill", "prefill")):
+        try:
+            file = manifest.get(key, {}).get(variant)
+            companions[kind] = file and (path / file, manifest["files"][file])
+        except (KeyError, TypeError, AttributeError):
+            raise CharrnnError(f"damaged manifest.json in {path} ({key} of {variant})") from None
+    return Located(path, path / name, expected, **companions)
 
 
-def check_loop(session, spec, source):
-    """A clear error unless the loop graph has the inputs and outputs the runtime binds."""
+COMPANIONS = {"loop": ("sampling loop", LOOP_INPUTS, LOOP_OUTPUTS),
+              "prefill": ("prefill graph", PREFILL_INPUTS, PREFILL_OUTPUTS)}
+
+
+def check_companion(kind, session, spec, source):
+    """A clear error unless a companion graph ("loop", "prefill") has the inputs and outputs the
+    runtime binds."""
+    what, extra_inputs, extra_outputs = COMPANIONS[kind]
     inputs = {i.name for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
-    if inputs != {*LOOP_INPUTS.values(), *(t.input for t in spec)} \
-            or outputs != {*LOOP_OUTPUTS.values(), *(t.output for t in spec)}:
-        raise CharrnnError(f"the sampling loop does not fit the model: {source} has inputs {sorted(inputs)}, "
+    if inputs != {*extra_inputs.values(), *(t.input for t in spec)} \
+            or outputs != {*extra_outputs.values(), *(t.output for t in spec)}:
+        raise CharrnnError(f"the {what} does not fit the model: {source} has inputs {sorted(inputs)}, "
                            f"outputs {sorted(outputs)}")
 
 

@@ -17,9 +17,9 @@ import numpy as np
 
 from .errors import CharrnnError
 from .params import SamplingParams
-from .sampling import check_finite, log_softmax, loop_inputs, sample
+from .sampling import GumbelNoise, check_finite, log_softmax, loop_inputs, sample
 from .sequence import Sequence
-from .state import State
+from .state import Continuation, State
 from .stepper import SamplingLoop, Stepper
 
 
@@ -33,12 +33,15 @@ class Generator:
 
     BLOCK = 64
 
-    def __init__(self, model, state: State, params: SamplingParams, seed: int | None = None) -> None:
+    def __init__(self, model, state: State, params: SamplingParams, seed: int | None = None,
+                 noise_start: int = 0) -> None:
         if seed is not None:
             params = params.replace(seed=seed)
         self.model, self.params, self.rows = model, params, len(state)
         self.stepper = Stepper(model, state)
-        self.sequences = [Sequence((), params.row(i), model.vocab) for i in range(self.rows)]
+        self.sequences = [Sequence((), params.row(i), model.vocab,
+                                   GumbelNoise([params.row(i).seed], len(model.vocab), noise_start))
+                          for i in range(self.rows)]
         if params.prompt_logprobs is not None:
             raise CharrnnError("a Generator starts after its prompt: for the prompt's log-probabilities use "
                                "model.score or the Engine", "prompt_logprobs")
@@ -52,6 +55,12 @@ class Generator:
     def seed(self) -> int:
         """Row 0's seed; row i's is seed + i."""
         return self.params.seed
+
+    def continuation(self, row: int = 0) -> Continuation:
+        """Where stream `row` stands (exact once `run`/`stream` returned): generate(continuation=...)
+        or an Engine request goes on from it as one longer run would have."""
+        return Continuation(self.stepper.state().select([row]), self.params.row(row).seed,
+                            self.sequences[row].noise.drawn, self.model.sha256, self.model.variant)
 
     @property
     def state(self) -> State:
@@ -121,7 +130,7 @@ class Generator:
         self.sequences = [Sequence((), params.row(row), self.model.vocab, noise=previous.noise)
                           for row, previous in enumerate(self.sequences)]
         for sequence in self.sequences:
-            sequence.start()
+            sequence.prefilled()
         return self.sequences
 
     def _noise(self, steps: int) -> np.ndarray:

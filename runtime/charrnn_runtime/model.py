@@ -24,7 +24,7 @@ from .errors import CharrnnError
 from .generator import Generator
 from .params import SamplingParams
 from .providers import create_session
-from .state import State
+from .state import Continuation, State
 from .stepper import Stepper
 
 PathLike = str | os.PathLike[str]
@@ -44,20 +44,30 @@ class Model:
         self.tensors = self.facts["tensors"]
         self.state_spec = bundle.state_spec(self.facts)
         self._outputs = [self.tensors["logits"], *(t.output for t in self.state_spec)]
-        # the sampling loop's session is made on first use: servers and scorers never need it
-        self._loop_file = located.loop if sampling_loop and self.provider == "cpu" else None
-        self._loop_options, self._loop_session = (threads, spinning), None
+        # the companion graphs' sessions are made on first use: a server never needs the sampling loop
+        self._companions = {"loop": (located.loop if sampling_loop and self.provider == "cpu" else None, "cpu"),
+                            "prefill": (located.prefill, self.provider)}
+        self._session_options, self._sessions = (threads, spinning), {}
 
     @property
     def loop_session(self) -> ort.InferenceSession | None:
         """The bundle's sampling loop (K sampled characters per call) on CPU, or None."""
-        if self._loop_session is None and self._loop_file is not None:
-            loop_path, expected = self._loop_file
-            bundle.verify(loop_path, expected)
-            session, _, _ = create_session(loop_path, "cpu", *self._loop_options)
-            bundle.check_loop(session, self.state_spec, loop_path)
-            self._loop_session = session
-        return self._loop_session
+        return self._companion("loop")
+
+    @property
+    def prefill_session(self) -> ort.InferenceSession | None:
+        """The bundle's prefill graph (a whole text per call), or None (bundles before it)."""
+        return self._companion("prefill")
+
+    def _companion(self, kind):
+        located, provider = self._companions[kind]
+        if kind not in self._sessions and located is not None:
+            path, expected = located
+            bundle.verify(path, expected)
+            session, _, _ = create_session(path, provider, *self._session_options)
+            bundle.check_companion(kind, session, self.state_spec, path)
+            self._sessions[kind] = session
+        return self._sessions.get(kind)
 
     # -- the network -------------------------------------------------------------------------------
 
@@ -93,13 +103,28 @@ class Model:
 
     def feed(self, state: State, text: str) -> State:
         """Run `text` through every stream of `state` (teacher-forced); returns the new state."""
-        ids = self.encode(text)
+        return self.feed_ids(state, self.encode(text))[0]
+
+    def feed_ids(self, state: State, ids: np.ndarray) -> tuple[State, np.ndarray]:
+        """Run character ids through every stream of `state`: in one call of the bundle's prefill
+        graph where it has one, else stepped. Returns the new state and the logits after each
+        character, [streams, len(ids), vocab]."""
+        self.check(state)
         if not len(ids):
-            return state
-        stepper = Stepper(self, state)
-        for char in ids:
-            stepper.step(char)
-        return stepper.state()
+            return state, np.zeros((len(state), 0, len(self.vocab)), np.float32)
+        session = self.prefill_session
+        if session is None:
+            stepper, logits = Stepper(self, state), []
+            for char in ids:
+                stepper.step(char)
+                logits.append(stepper.logits.copy())
+            return stepper.state(), np.stack(logits, axis=1)
+        chars = np.broadcast_to(np.asarray(ids, np.int32), (len(state), len(ids)))
+        names = [t.output for t in self.state_spec] + [bundle.PREFILL_OUTPUTS["logits"]]
+        *arrays, logits = session.run(names, {bundle.PREFILL_INPUTS["chars"]: np.ascontiguousarray(chars),
+                                              **state.arrays})
+        return (State({t.input: a.copy() for t, a in zip(self.state_spec, arrays, strict=True)}, logits[:, -1].copy()),
+                logits)
 
     def score(self, text: str, window: int | None = None) -> dict[str, float]:
         """Mean loss (nats) and bits per character of text[1:] given the text before it.
@@ -145,10 +170,18 @@ class Model:
     # -- generation --------------------------------------------------------------------------------
 
     def generator(self, prompt: str = "", num_samples: int = 1, seed: int | None = None,
-                  state: State | None = None, params: SamplingParams | None = None, **settings: Any) -> Generator:
+                  state: State | None = None, params: SamplingParams | None = None,
+                  continuation: Continuation | None = None, **settings: Any) -> Generator:
         """A Generator for num_samples streams from `prompt` (fed once, then forked); `params` or the
-        SamplingParams fields (temperature, top_k, top_p, stop, length) as keywords."""
+        SamplingParams fields (temperature, top_k, top_p, stop, length, ...) as keywords. `state`: start
+        from it instead of the initial state; `continuation`: go on exactly where a generation stopped
+        (its state, and its noise stream when the seed is its own or not given)."""
         prompt = _renamed_prime(prompt, settings)
+        if continuation is not None:
+            if (continuation.sha256, continuation.variant) != (self.sha256, self.variant) or state is not None:
+                raise CharrnnError("the continuation belongs to another model or variant (or a state is given "
+                                   "too)", "state")
+            state, seed = continuation.state, continuation.seed if seed is None else seed
         if params is None:
             params = SamplingParams(seed=seed, **settings)
         elif seed is not None or settings:
@@ -160,7 +193,8 @@ class Model:
             if len(state) != 1:
                 raise CharrnnError(f"num_samples={num_samples} forks one stream, but the state has {len(state)}")
             state = state.fork(num_samples)
-        return Generator(self, state, params)
+        resumed = continuation is not None and continuation.seed == params.seed
+        return Generator(self, state, params, noise_start=continuation.position if resumed else 0)
 
     def stream(self, prompt: str = "", length: int = 1000, stop: Stop = None, **options: Any) -> Iterator[str]:
         """Yield generated characters one at a time (the prompt is not repeated)."""

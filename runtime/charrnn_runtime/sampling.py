@@ -82,9 +82,14 @@ class GumbelNoise:
 
     BLOCK = 128
 
-    def __init__(self, seeds, vocab):
+    def __init__(self, seeds, vocab, start=0):
+        """start: steps already drawn (a continued stream): PCG64 skips them without drawing, as each
+        step takes `vocab` 64-bit draws."""
         self.generators = [np.random.default_rng(seed) for seed in seeds]
+        for generator in self.generators:
+            generator.bit_generator.advance(start * vocab)
         self.vocab = vocab
+        self.drawn = start  # steps handed out, counted from the seed's first
         self.unused = np.empty((0, len(seeds), vocab))
 
     def next(self):
@@ -97,8 +102,10 @@ class GumbelNoise:
             with np.errstate(divide="ignore"):  # U == 0 gives -inf: that character just cannot win
                 self.unused = np.concatenate([self.unused, -np.log(-np.log(uniforms))])
         taken, self.unused = self.unused[:steps], self.unused[steps:]
+        self.drawn += steps
         return taken
 
     def put_back(self, noise):
         """Return the last steps taken, unused: the next take starts with them."""
         self.unused = np.concatenate([noise, self.unused])
+        self.drawn -= len(noise)

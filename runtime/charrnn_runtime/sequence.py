@@ -1,6 +1,6 @@
 """One generation, whoever drives it: a Generator (a fixed batch) or the Engine (continuous batching).
 
-A Sequence holds its prompt ids and prefill cursor, its settings, its noise stream, the characters
+A Sequence holds its prompt ids, its settings, its noise stream, the characters
 it generated and an explicit status. `accept` is the one place where a generated character is
 judged: the length and the stop strings end a sequence there and nowhere else, so every driver
 produces the same text for the same settings by construction. `readable` is the one place that
@@ -16,7 +16,7 @@ from collections.abc import Sequence as Ids
 import numpy as np
 
 from .params import SamplingParams
-from .sampling import GumbelNoise
+from .sampling import GumbelNoise, log_softmax
 
 # A character's log-probability and the most likely characters' ({character: log-probability},
 # the character itself included), or None where there is nothing to condition on (the first of a prompt).
@@ -24,24 +24,24 @@ Logprob = tuple[float, dict[str, float]] | None
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # queued for a row
-    PREFILL = "prefill"  # feeding its prompt
-    GENERATING = "generating"
+    WAITING = "waiting"  # queued
+    PREFILL = "prefill"  # its prompt being fed (in one call, beside the batch)
+    GENERATING = "generating"  # its state holds the prompt: sampling (or ready to, once it has a row)
     FINISHED = "finished"  # see finish_reason
 
 
 class Sequence:
-    """The state machine of one generation: WAITING → (PREFILL →) GENERATING → FINISHED."""
+    """The state machine of one generation: WAITING → PREFILL → GENERATING → FINISHED."""
 
     def __init__(self, prompt_ids: Ids[int] | np.ndarray, params: SamplingParams, vocab: list[str],
                  noise: GumbelNoise | None = None) -> None:
         params.check_vocabulary(len(vocab))
         self.prompt_ids, self.params, self.vocab = prompt_ids, params, vocab
         self.noise = noise if noise is not None else GumbelNoise([params.seed], len(vocab))
-        self.fed = 0  # prompt characters fed so far
+        self.cached = 0  # prompt characters whose state came from a cache instead of the model
         self.chars: list[str] = []
         self.logprobs: list[Logprob] = []  # one per generated character, with params.logprobs
-        self.prompt_logprobs: list[Logprob] = []  # one per fed prompt character, with params.prompt_logprobs
+        self.prompt_logprobs: list[Logprob] = []  # one per prompt character, with params.prompt_logprobs
         self.status = Status.WAITING
         self.finish_reason: str | None = None  # "length", "stop", "timeout", "cancelled" or "error"
         self.stop_chars = 0  # the length of the stop string that ended it
@@ -69,27 +69,22 @@ class Sequence:
         held = next((k for k in range(len(tail), 0, -1) if any(s.startswith(tail[-k:]) for s in self.params.stop)), 0)
         return count - held
 
-    def start(self) -> None:
-        """It has a row: feed the prompt next, or generate; a zero length finishes at once, unless the
-        prompt's log-probabilities are wanted (then it finishes once the prompt is fed)."""
-        if self.fed < len(self.prompt_ids) and (self.params.length or self.params.prompt_logprobs is not None):
-            self.status = Status.PREFILL
-        elif self.params.length == 0:
+    def start_prefill(self) -> None:
+        self.status = Status.PREFILL
+
+    def prefilled(self, logits_before: np.ndarray | None = None, cached: int = 0) -> None:
+        """Its prompt is in its state. `logits_before` [len(prompt), vocab]: the model's distribution
+        before each prompt character, to record with prompt_logprobs (the first is None, as OpenAI's:
+        there is nothing before it). A zero length then finishes it: a scorer."""
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] + [
+                self._logprob(char_id, row, self.params.prompt_logprobs)
+                for char_id, row in zip(self.prompt_ids[1:], log_softmax(logits_before[1:]))]
+        self.cached = cached
+        if self.params.length == 0:
             self.finish("length")
         else:
             self.status = Status.GENERATING
-
-    def next_prompt_id(self, logprobs: np.ndarray | None = None) -> int:
-        """The prompt's next character, to feed (`logprobs`: the model's distribution for it, to record
-        with prompt_logprobs); the last one turns the sequence to GENERATING."""
-        char_id = self.prompt_ids[self.fed]
-        if self.params.prompt_logprobs is not None:
-            self.prompt_logprobs.append(self._logprob(char_id, logprobs, self.params.prompt_logprobs)
-                                        if self.fed else None)
-        self.fed += 1
-        if self.fed == len(self.prompt_ids):
-            self.start()
-        return char_id
 
     def accept(self, char_id: int, logprobs: np.ndarray | None = None) -> bool:
         """Add a sampled character (`logprobs`: the distribution it was drawn from, to record with

@@ -6,6 +6,7 @@ and sent elsewhere; a Stepper advances it in place.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Iterable
@@ -67,3 +68,15 @@ class State:
                 return cls(arrays, saved["logits"].astype(np.float32))
         except (OSError, ValueError, KeyError) as e:
             raise CharrnnError(f"not a saved charrnn state: {path} ({e})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """Where a generation stopped, to go on from it exactly: the state of its one stream, its noise
+    stream (seed, and steps drawn from it) and the model it belongs to (sha256, variant)."""
+
+    state: State
+    seed: int
+    position: int
+    sha256: str
+    variant: str

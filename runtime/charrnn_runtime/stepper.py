@@ -63,10 +63,13 @@ class Stepper:
         self.current, logits = self.marked
         self.logits[:] = logits
 
-    def state(self) -> State:
-        """A snapshot of the current state (copies: OrtValue.numpy() is a view of the bound buffer)."""
-        return State({name: pair[self.current].numpy().copy() for name, pair in self.buffers.items()},
-                     self.logits.copy())
+    def state(self, rows: list[int] | None = None) -> State:
+        """A snapshot of the current state, of all streams or of `rows` (copies: OrtValue.numpy() is a
+        view of the bound buffer)."""
+        if rows is None:
+            return State({name: pair[self.current].numpy().copy() for name, pair in self.buffers.items()},
+                         self.logits.copy())
+        return State({name: pair[self.current].numpy()[rows] for name, pair in self.buffers.items()}, self.logits[rows])
 
 
 class SamplingLoop:

@@ -27,6 +27,7 @@ from .completions import CompletionRequest, prompt_of, sampling_params, stream_e
 from .completions import response as completion_response
 from .metrics import prometheus
 from .playground import PUBLIC_PATHS, add_playground
+from . import tokens
 from .security import Guard, SecurityOptions, openai_error
 
 # The request field of each Python API name that a CharrnnError's .param can carry (others are the same).
@@ -116,19 +117,6 @@ async def cancel_all(tasks):
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def submit_all(submit, n):
-    """[submit(0), …, submit(n - 1)]; if one is refused, the ones already submitted are cancelled."""
-    requests = []
-    try:
-        for i in range(n):
-            requests.append(submit(i))
-    except CharrnnError:
-        for request in requests:
-            request.cancel()
-        raise
-    return requests
-
-
 class ReplicaHeader:
     """X-Replica on every response (plain ASGI: Starlette's BaseHTTPMiddleware would re-buffer streams)."""
 
@@ -150,6 +138,11 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
     (default: no keys, loopback) sets the checks every request passes first (security.py)."""
     model = engine.model
     name = model.path.name if model.path.is_dir() else model.path.stem
+    security = security or SecurityOptions()
+    secret = security.state_secret or tokens.random_secret()
+
+    def state_token(continuation):
+        return tokens.encode(continuation, secret)
     started = int(time.time())
 
     async def lifespan(app):
@@ -160,7 +153,7 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
     app = FastAPI(title="charrnn", lifespan=lifespan)
     app.exception_handler(HTTPException)(lambda request, exc: error(exc.status_code, str(exc.detail)))
     app.exception_handler(CharrnnError)(lambda request, exc: charrnn_error(exc))
-    app.add_middleware(Guard, options=security or SecurityOptions(),  # also answers a 500
+    app.add_middleware(Guard, options=security,  # also answers a 500
                        public_paths={"/health", *PUBLIC_PATHS})
     if replica is not None:
         app.add_middleware(ReplicaHeader, replica=replica)
@@ -192,16 +185,18 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
         body = parse(CompletionRequest, await request.body())
         check_model(body.model)
         prompt, params = prompt_of(body), sampling_params(body)
-        requests = submit_all(lambda i: engine.submit(prompt, params=params.row(i)), body.n)
+        continuation = None if body.state is None else tokens.decode(body.state, secret, model)
+        requests = engine.submit_all(prompt, [params.row(i) for i in range(body.n)], continuation)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
         if body.stream:  # the rows are taken (or refused with a 503) before the response starts
             await cancel_on_disconnect(request, wait_all(requests, lambda r: r.admitted()))
             for r in requests:
                 r.streaming = True
-            return StreamingResponse(stream_events(head, body, prompt, requests), media_type="text/event-stream")
+            return StreamingResponse(stream_events(head, body, prompt, requests, state_token),
+                                     media_type="text/event-stream")
         await cancel_on_disconnect(request, wait_all(requests, lambda r: r.wait()))
-        return completion_response(head, body, prompt, requests, params.seed)
+        return completion_response(head, body, prompt, requests, params.seed, state_token)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

@@ -1,7 +1,9 @@
 """charrnn-serve: the OpenAI-compatible completions server, in one process or on Ray Serve."""
 
 import ipaddress
+import os
 import re
+import secrets
 import socket
 
 import click
@@ -11,6 +13,8 @@ from charrnn_runtime.bundle import MODEL_ENV
 from charrnn_runtime.command import BadInput, Command, cli_errors, require_extra, require_onnxruntime
 
 from .security import MIB, SecurityOptions, is_loopback, origin
+
+SECRET_ENV = "CHARRNN_STATE_SECRET"
 
 EPILOG = ("Concurrent requests share one batched step loop (up to --max-batch rows). Routes: POST "
           "/v1/completions (OpenAI's; max_tokens and usage count characters, default max_tokens 256), "
@@ -44,6 +48,20 @@ def key_file(ctx, param, path):
     return keys(ctx, param, found)
 
 
+def secret_file(path):
+    """The bytes of a secret file (surrounding whitespace dropped): at least 16 of them."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            secret = file.read().strip()
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {path}: {e.strerror}") from None
+    if len(secret) < 16:
+        raise click.BadParameter(f"{path}: a secret of at least 16 bytes, please (e.g. openssl rand -hex 32)")
+    return secret
+
+
 def hosts(ctx, param, values):
     """Host names or addresses, lowercase, without a port (the Host header's port is not compared)."""
     names = tuple(value.lower().strip("[]") for value in values)
@@ -72,9 +90,8 @@ def origins(ctx, param, values):
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="Port to listen on; 0 picks a free one (printed).")
 @click.option("--variant", type=click.Choice(["fp32", "int8"]), default="int8", show_default=True,
-              help="Model weights: int8 (2-3x fp32's speed on CPU) or fp32. Either way a request's text is exactly "
-                   "model.generate's with its seed, whatever shares its batch (int8 bundles exported before "
-                   "charrnn-export --requantize existed share one activation scale per batch).")
+              help="Model weights: int8 (2-3x fp32's speed on CPU) or fp32; either way a request's text is "
+                   "exactly model.generate's with its seed, whatever shares its batch.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime provider: cuda fails if CUDA cannot be used (with --ray: one GPU per replica).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
@@ -107,6 +124,12 @@ def origins(ctx, param, values):
                    "another Host is refused, 403 (DNS rebinding); bound elsewhere, giving this turns that on.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=MIB, show_default=True,
               help="Larger request bodies get 413, read no further.")
+@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=64, show_default=True,
+              help="Memory for states after prompts (a few KB each, whatever the prompt's length): a prompt "
+                   "that starts like an earlier one is fed only past their shared prefix. 0: off.")
+@click.option("--state-secret-file", type=click.Path(dir_okay=False), callback=lambda c, p, v: secret_file(v),
+              help="The key continuation tokens (\"return_state\") are signed with, shared by every replica and "
+                   "restart that should accept them; else $CHARRNN_STATE_SECRET.  [default: random per start]")
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Serve (needs the [ray] extra).")
 @click.option("--address", default=None,
               help="With --ray: the Ray cluster to join (e.g. 10.0.0.1:6379).  [default: start a local Ray]")
@@ -114,15 +137,18 @@ def origins(ctx, param, values):
               help="With --ray: replicas, each a process with its own model and batch.")
 def main(model_path, host, port, variant, provider, max_batch, spin, stream_interval, drain_seconds, max_waiting,
          queue_timeout, request_timeout, api_keys, api_key_file, allowed_origins, allowed_hosts, max_body_bytes,
-         use_ray, address, replicas):
+         prefix_cache_mb, state_secret_file, use_ray, address, replicas):
     if not use_ray and (address or replicas != 1):
         raise BadInput("--address and --replicas need --ray")
     load_options = dict(provider=provider, variant=variant, spinning=spin)
     engine_options = dict(max_batch=max_batch, max_waiting=max_waiting, flush_seconds=stream_interval,
-                          queue_timeout=queue_timeout, request_timeout=request_timeout)
+                          queue_timeout=queue_timeout, request_timeout=request_timeout,
+                          prefix_cache_bytes=int(prefix_cache_mb * MIB))
+    secret = state_secret_file or os.environ.get(SECRET_ENV, "").encode()
+    random_secret = not secret  # said once the server is up: a bad flag is one line
     security = SecurityOptions(api_keys=api_keys + api_key_file, allowed_origins=allowed_origins,
                                allowed_hosts=allowed_hosts, bind_host=host,
-                               max_body_bytes=max_body_bytes)
+                               max_body_bytes=max_body_bytes, state_secret=secret or secrets.token_bytes(32))
     if not security.api_keys and not is_loopback(host):
         click.echo(f"note: listening on {host} without --api-key: whoever reaches the port can generate", err=True)
     if use_ray:
@@ -131,7 +157,8 @@ def main(model_path, host, port, variant, provider, max_batch, spin, stream_inte
         except ImportError:
             require_extra("ray", "charrnn-serve --ray")
         with cli_errors():
-            run(model_path, host, port, load_options, engine_options, drain_seconds, address, replicas, security)
+            run(model_path, host, port, load_options, engine_options, drain_seconds, address, replicas, security,
+                note_random_secret if random_secret else None)
         return
     try:
         from charrnn_runtime import load
@@ -148,12 +175,19 @@ def main(model_path, host, port, variant, provider, max_batch, spin, stream_inte
         listening = listen(host, port)
     if model.cpu_reason:
         click.echo(f"note: running on CPU: {model.cpu_reason}", err=True)
+    if random_secret:
+        note_random_secret()
     engine = Engine(model, **engine_options)
     app = create_app(engine, drain_seconds=drain_seconds, security=security)
     host, port = listening.getsockname()[:2]
     click.echo(f"charrnn-serve: {model.path.name} ({model.variant} on {model.provider}, max batch {max_batch}) "
                f"at http://{host}:{port}/v1{' (API key required)' if security.api_keys else ''}", err=True)
     serve(app, engine, listening, drain_seconds)
+
+
+def note_random_secret():
+    click.echo(f"note: no --state-secret-file or ${SECRET_ENV}: continuation tokens are signed with a random key, "
+               "so they survive neither a restart nor another server", err=True)
 
 
 def listen(host, port):

@@ -8,6 +8,11 @@ extension; `echo` returns the prompt first (with its log-probabilities when aske
 character has none, as OpenAI's); `stream_options.include_usage` adds a last chunk with usage;
 `logit_bias` maps character ids to biases. A field that would change the result and is not
 supported (best_of > 1, suffix, penalties) is refused naming it, never ignored.
+
+Extensions for a recurrent model: `"return_state": true` gives each choice a `state`, a signed
+continuation token (tokens.py); a request with `"state": TOKEN` goes on from there (its prompt, if
+any, fed after it): with the same settings, exactly the text one longer request would have given.
+`usage.prompt_tokens_details.cached_tokens` counts the prompt characters the prefix cache restored.
 """
 
 import asyncio
@@ -53,6 +58,8 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = None
     echo: bool = False
     logit_bias: dict[str, float] | None = None
+    return_state: bool = False
+    state: str | None = None
     # OpenAI's, refused unless they ask for nothing (see UNSUPPORTED)
     best_of: int | None = None
     suffix: str | None = None
@@ -101,8 +108,9 @@ class Choice:
     """What one choice has sent so far of its returned text (the prompt first with echo), so the
     response, or each streamed chunk, carries the next piece with its log-probabilities."""
 
-    def __init__(self, index: int, request, prompt: str, echo: bool) -> None:
+    def __init__(self, index: int, request, prompt: str, echo: bool, state_token=None) -> None:
         self.index, self.request, self.prompt, self.echo = index, request, prompt, echo
+        self.state_token = state_token  # continuation → token, when the client asked for the state
         self.sent = 0  # generated characters sent
         self.offset = 0  # characters of the returned text sent (text_offset of the next one)
 
@@ -116,7 +124,10 @@ class Choice:
             chunk, entries = self.prompt + chunk, sequence.prompt_logprobs + entries
         logprobs = None if sequence.params.logprobs is None else self._logprobs(chunk, entries)
         self.offset += len(chunk)
-        return {"text": chunk, "index": self.index, "logprobs": logprobs, "finish_reason": finish_reason}
+        piece = {"text": chunk, "index": self.index, "logprobs": logprobs, "finish_reason": finish_reason}
+        if finish_reason is not None and self.state_token is not None and self.request.continuation is not None:
+            piece["state"] = self.state_token(self.request.continuation)
+        return piece
 
     def _logprobs(self, text: str, entries: list) -> dict:
         return {"tokens": list(text),
@@ -126,21 +137,29 @@ class Choice:
 
 
 def usage(prompt: str, requests) -> dict:
+    """Characters: the prompt's (fed once for all choices; cached_tokens of them restored from the
+    prefix cache) and the generated ones (stop strings included)."""
     generated = sum(len(r.sequence.chars) for r in requests)
-    return {"prompt_tokens": len(prompt), "completion_tokens": generated, "total_tokens": len(prompt) + generated}
+    return {"prompt_tokens": len(prompt), "completion_tokens": generated, "total_tokens": len(prompt) + generated,
+            "prompt_tokens_details": {"cached_tokens": requests[0].sequence.cached}}
 
 
-def response(head: dict, body: CompletionRequest, prompt: str, requests, seed: int) -> dict:
+def choices(body: CompletionRequest, prompt: str, requests, state_token) -> list[Choice]:
+    return [Choice(i, r, prompt, body.echo, state_token if body.return_state else None) for i, r in enumerate(requests)]
+
+
+def response(head: dict, body: CompletionRequest, prompt: str, requests, seed: int, state_token) -> dict:
     """The whole answer of finished requests."""
-    choices = [Choice(i, r, prompt, body.echo).piece(r.sequence.text, r.finish_reason) for i, r in enumerate(requests)]
-    return {**head, "seed": seed, "choices": choices, "usage": usage(prompt, requests)}
+    pieces = [c.piece(c.request.sequence.text, c.request.finish_reason)
+              for c in choices(body, prompt, requests, state_token)]
+    return {**head, "seed": seed, "choices": pieces, "usage": usage(prompt, requests)}
 
 
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(head: dict, body: CompletionRequest, prompt: str, requests):
+async def stream_events(head: dict, body: CompletionRequest, prompt: str, requests, state_token):
     """Server-sent events merging the choices' engine requests, ending with [DONE].
 
     Each event carries what a choice's row produced since its last event (the engine coalesces
@@ -161,7 +180,7 @@ async def stream_events(head: dict, body: CompletionRequest, prompt: str, reques
             log.exception("streaming a completion failed")
             queue.put_nowait((choice, None, "internal server error"))
 
-    tasks = [asyncio.ensure_future(pump(Choice(i, r, prompt, body.echo))) for i, r in enumerate(requests)]
+    tasks = [asyncio.ensure_future(pump(choice)) for choice in choices(body, prompt, requests, state_token)]
     try:
         remaining = len(tasks)
         while remaining:

@@ -37,11 +37,14 @@ def deployment(model=None, load_options=None, engine_options=None, drain_seconds
     return ingress.bind()
 
 
-def run(model, host, port, load_options, engine_options, drain_seconds, address, replicas, security):
-    """charrnn-serve --ray: deploy, print where, serve until SIGTERM/SIGINT, then shut Serve down."""
+def run(model, host, port, load_options, engine_options, drain_seconds, address, replicas, security, note=None):
+    """charrnn-serve --ray: deploy, print where, serve until SIGTERM/SIGINT, then shut Serve down.
+    `note`: called once the model is found (the CLI's warnings)."""
     import ray
 
     path = bundle.find(model, load_options.get("variant", "fp32")).path  # fails here, not in every replica
+    if note is not None:
+        note()
     ray.init(address=address)
     try:
         serve.start(http_options={"host": host, "port": port})

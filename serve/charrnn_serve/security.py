@@ -25,7 +25,7 @@ import ipaddress
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 log = logging.getLogger("charrnn_serve")
@@ -41,13 +41,15 @@ class SecurityOptions:
     """charrnn-serve's security flags (picklable: Ray ships them to every replica).
 
     `allowed_origins`: "scheme://host[:port]" or "*"; `allowed_hosts`: names or addresses, no port;
-    `bind_host`: the address listened on, which decides whether Host is checked."""
+    `bind_host`: the address listened on, which decides whether Host is checked; `state_secret`:
+    the key continuation tokens are signed with (tokens.py; None: a random one for this app)."""
 
     api_keys: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     bind_host: str = "127.0.0.1"
     max_body_bytes: int = MIB
+    state_secret: bytes | None = field(default=None, repr=False)
 
 
 def is_loopback(host):

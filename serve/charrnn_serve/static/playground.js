@@ -6,7 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const LN2 = Math.log(2);
 let apiKey = null;
-let keyWaiters = [];  // requests waiting for the key form
+const keyWaiters = [];  // requests waiting for the key form
 let controller = null;  // the generation in flight, to abort
 const last = { prompt: "", text: "", seed: null, state: null };  // the last generation, its continuation token
 let trace = null;  // the last /v1/states answer
