@@ -161,6 +161,21 @@ def test_text_streams_into_the_page_as_the_api_generates_it(browser, server):
     assert len({n for n in lengths if 0 < n < len(shown)}) >= 2, lengths  # it came in pieces
 
 
+def test_continue_goes_on_from_the_continuation_token_as_one_longer_generation(browser, server):
+    with playground(browser, server) as page:
+        page.get_by_test_id("prompt").fill("ROMEO:\n")
+        page.get_by_label("Length", exact=True).fill("150")
+        page.get_by_label("Seed", exact=True).fill("5")
+        page.get_by_test_id("generate").click()
+        finished(page)
+        page.get_by_test_id("continue").click()
+        page.wait_for_function("() => document.querySelector('[data-testid=output] .generated').textContent.length"
+                               " >= 300")
+        shown = page.locator("[data-testid=output] .generated").text_content()
+    assert shown == api(server, "/v1/completions", prompt="ROMEO:\n", max_tokens=300, temperature=0.8,
+                        seed=5)["choices"][0]["text"]
+
+
 def rows_and_cancelled(url):
     """charrnn_active_rows and the requests finished as cancelled, from /metrics."""
     text = httpx.get(f"{url}/metrics").text
