@@ -21,6 +21,7 @@ with warnings.catch_warnings():  # Ray Serve's own use of deprecated pydantic fe
     from charrnn_serve.security import SecurityOptions
 
 KEY = {"authorization": "Bearer ray-key"}
+SECRET = b"the secret every replica shares"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def url(request, tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(deployment(model, engine_options={"max_batch": 16}, replicas=2,
-                             security=SecurityOptions(api_keys=("ray-key",))), name=NAME, route_prefix="/")
+                             security=SecurityOptions(api_keys=("ray-key",), state_secret=SECRET)),
+                  name=NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -63,6 +65,24 @@ def both_replicas(url, **options):
         if len(seen) == 2:
             break
     return seen
+
+
+def test_a_continuation_token_goes_on_on_another_replica(url):
+    """The state travels in the token: a replica that never saw the request continues it exactly.
+    (Before the kill test: while a replica is being replaced, requests may fail.)"""
+    def complete(**fields):
+        response = httpx.post(f"{url}/v1/completions", headers=KEY, timeout=60,
+                              json={"max_tokens": 40, "seed": 3, "temperature": 0.8, **fields})
+        return response.json()["choices"][0], response.headers["x-replica"]
+
+    whole, _ = complete(prompt="a", max_tokens=80)
+    for _ in range(40):  # until the continuation lands on another replica than the first half
+        first, where = complete(prompt="a", return_state=True)
+        second, there = complete(prompt="", state=first["state"])
+        assert first["text"] + second["text"] == whole["text"]
+        if there != where:
+            return
+    pytest.fail("every continuation landed on the replica of its first half")
 
 
 def test_two_replicas_answer_and_a_killed_one_is_replaced(url):
