@@ -44,9 +44,10 @@ CLI_REFERENCE = ROOT / "docs" / "cli.md"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 RUNNABLE = ("console", "python")
 VOLATILE_TEXT = [(re.compile(r"\d[\d,]*(\.\d+)? s\b"), "_ s"), (re.compile(r"\d[\d,]*(\.\d+)? chars/s"), "_ chars/s")]
-VOLATILE_KEYS = {"seconds", "chars_per_second", "created"}
+VOLATILE_KEYS = {"seconds", "chars_per_second", "created", "cached_tokens"}  # cached_tokens: what ran before
 OTHER_TOOLS_OPTIONS = {"--data-binary", "--retry", "--retry-connrefused",  # curl
-                       "--dry-run", "--upgrade", "--head", "--repeats"}  # pip, ray start, benchmarks/benchmark.py
+                       "--dry-run", "--upgrade", "--head", "--repeats",  # pip, ray start, benchmarks/benchmark.py
+                       "--pythonpath"}  # benchmarks/prefill_benchmark.py
 
 
 @dataclass
