@@ -2,7 +2,6 @@
 and continuation tokens that go on exactly where a generation stopped."""
 
 import base64
-import functools
 import sys
 
 import numpy as np
@@ -10,8 +9,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
 import httpx  # noqa: E402
-import openai  # noqa: E402
-from conftest import HAS_TF, SHIPPED  # noqa: E402
+from test_openai import complete, model, model_path, server  # noqa: E402, F401 - the same tiny model and server
 from test_serve import serving  # noqa: E402
 
 import charrnn_runtime  # noqa: E402
@@ -21,23 +19,6 @@ from charrnn_runtime.prefill import PrefixCache  # noqa: E402
 from charrnn_serve import tokens  # noqa: E402
 
 SECRET = b"a test secret of 32 bytes......."
-
-
-@pytest.fixture(scope="module")
-def model(request):
-    return charrnn_runtime.load(request.getfixturevalue("tiny_bundle") if HAS_TF else SHIPPED, provider="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with serving(model, max_length=2000) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def complete(server, model):
-    client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="none", max_retries=0)
-    return functools.partial(client.completions.create, model=model.path.name)
 
 
 def text_of(model, length, seed):
