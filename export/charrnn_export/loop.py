@@ -7,8 +7,7 @@ Each iteration draws a character from the carried logits exactly as the runtime'
 (Gumbel-max in float64: argmax(float64(logits) · (1/T) + noise); greedy is zero noise and 1/T = 1),
 then steps the cell with it. The runtime uses it for plain temperature sampling: one call replaces
 K session runs and K numpy sampling steps, and the text is the same character for character.
-Measured on 2 CPU cores, one stream of the shipped model: int8 13.5k → 16.9k chars/s, fp32 8.3k →
-8.3–8.7k (within noise), so only int8 bundles get one (it would repeat fp32's 14 MB of weights).
+Only int8 bundles get one: for fp32 it measured no faster (README, Speed) and would repeat its weights.
 """
 
 import numpy as np
