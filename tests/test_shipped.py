@@ -27,7 +27,7 @@ def model():
 
 def test_manifest_hashes_match_the_files(manifest):
     present = {name for name in manifest["files"] if (SHIPPED / name).is_file()}
-    packaged = {*manifest["variants"].values(), *manifest["sampling_loops"].values()}
+    packaged = {*manifest["variants"].values(), *manifest["sampling_loops"].values(), *manifest["prefill"].values()}
     assert present == (set(manifest["files"]) if FULL_BUNDLE else packaged)
     for name in present:
         assert sha256_file(SHIPPED / name) == manifest["files"][name], name
