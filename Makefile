@@ -9,7 +9,7 @@ ARGS ?=
 # runtime/, ...), so the box only buried the first lines of `make generate`.
 EDITABLE_INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e
 
-.PHONY: generate test dist bench shipped-model shipped-model-gru2x512 shakespeare-gru2x512-awd quality clean
+.PHONY: generate test dist bench shipped-model shipped-model-gru2x512 shakespeare-gru2x512-awd upgrade-bundles quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,12 @@ shakespeare-gru2x512-awd: $(VENV)/.dev
 	$(call train_or_resume,shakespeare-gru2x512-awd,$(GRU2X512_AWD))
 	$(BIN)/charrnn-export runs/shakespeare-gru2x512-awd runs/shakespeare-gru2x512-awd/bundle --force --runtime-only
 	$(BIN)/python benchmarks/quality.py runs/shakespeare-gru2x512-awd/bundle models/shakespeare-gru2x512
+
+# The shipped bundles' derived graphs (int8 cell, sampling loop, prefill) remade from their fp32 model.onnx
+# and validated, in place: no training run or TensorFlow needed (after a change to export/quantize.py, ...).
+upgrade-bundles: $(VENV)/.dev
+	$(BIN)/charrnn-export --upgrade models/shakespeare --validation-text train/data/sonnets.txt
+	$(BIN)/charrnn-export --upgrade models/shakespeare-gru2x512
 
 # Held-out quality (README table): the report's setup trained on the same 90%, against the bundle above.
 quality: $(VENV)/.dev

@@ -25,13 +25,21 @@ PRIME = "ROMEO: "
 
 def median_rate(work, units, repeats):
     """Median units/second of `work()` over repeats (after one warm-up run)."""
-    work()
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+    return median_rates({None: work}, units, repeats)[None]
+
+
+def median_rates(works, units, repeats):
+    """{name: median units/second} of each `work()` (after one warm-up run each), the works taking turns
+    in every repeat, so a machine that slows down or speeds up mid-run weighs on all of them alike."""
+    for work in works.values():
         work()
-        rates.append(units / (time.perf_counter() - started))
-    return statistics.median(rates)
+    rates = {name: [] for name in works}
+    for _ in range(repeats):
+        for name, work in works.items():
+            started = time.perf_counter()
+            work()
+            rates[name].append(units / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def report_loop(keras_file, vocab, chars, repeats):
@@ -86,8 +94,14 @@ def tf_function_loop(keras_file, vocab, chars, repeats):
 
 def runtime_rate(model, streams, chars, repeats):
     """Aggregate chars/s of the runtime's batched sampling loop (prime fed once, then forked)."""
-    return median_rate(lambda: model.generate_batch(PRIME, chars, num_samples=streams, seed=0),
-                       chars * streams, repeats)
+    return runtime_rates({None: model}, streams, chars, repeats)[None]
+
+
+def runtime_rates(models, streams, chars, repeats):
+    """{name: aggregate chars/s} of the runtime's batched sampling loop (prime fed once, then forked) for
+    each of `models` ({name: model}), measured in turns."""
+    return median_rates({name: lambda model=model: model.generate_batch(PRIME, chars, num_samples=streams, seed=0)
+                         for name, model in models.items()}, chars * streams, repeats)
 
 
 def process_seconds(model_path, repeats, *options):
@@ -197,19 +211,20 @@ def main():
         report_loop(keras_file, vocab, args.reference_chars, args.repeats))
     add("(2) tf.function step + tf.random.categorical",
         tf_function_loop(keras_file, vocab, args.chars // 2, args.repeats))
+    one_stream = {}  # the rows of (3), measured in turns so that fp32 and int8 meet the same machine
     for variant, model in cpu.items():
-        add(f"(3) runtime cpu {variant}, 1 stream", runtime_rate(model, 1, args.chars, args.repeats))
-        one_thread = charrnn_runtime.load(bundle, provider="cpu", variant=variant, threads=1)
-        add(f"(3) runtime cpu {variant}, 1 stream, 1 onnxruntime thread",
-            runtime_rate(one_thread, 1, args.chars, args.repeats))
+        one_stream[f"(3) runtime cpu {variant}, 1 stream"] = model
+        one_stream[f"(3) runtime cpu {variant}, 1 stream, 1 onnxruntime thread"] = \
+            charrnn_runtime.load(bundle, provider="cpu", variant=variant, threads=1)
         if variant in stepped:
-            add(f"(3) runtime cpu {variant}, 1 stream, sampling_loop=False",
-                runtime_rate(stepped[variant], 1, args.chars, args.repeats))
-    for variant, model in cpu.items():
-        for streams in (16, 64, 256):
-            chars = max(50, args.chars // streams * 4)
-            add(f"(4) runtime cpu {variant}, {streams} streams", runtime_rate(model, streams, chars, args.repeats),
-                streams=streams)
+            one_stream[f"(3) runtime cpu {variant}, 1 stream, sampling_loop=False"] = stepped[variant]
+    for name, rate in runtime_rates(one_stream, 1, args.chars, args.repeats).items():
+        add(name, rate)
+    batched = {streams: runtime_rates(cpu, streams, max(50, args.chars // streams * 4), args.repeats)
+               for streams in (16, 64, 256)}
+    for variant in cpu:
+        for streams, rates in batched.items():
+            add(f"(4) runtime cpu {variant}, {streams} streams", rates[variant], streams=streams)
 
     cuda_reason = cuda_unavailable_reason()
     if cuda_reason is None:

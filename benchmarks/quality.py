@@ -9,7 +9,8 @@ Each bundle is scored by the runtime (numpy + onnxruntime) two ways:
 - full context: the whole held-out text stepped once, the state carried through (what an RNN
   gives when it streams).
 It also reports what training measured on the same split (its best epoch's validation loss, on
-chunks of its own sequence length) and the training time. Writes benchmarks/quality.json.
+chunks of its own sequence length), the training time, and what the int8 variant costs in windows of
+256 against fp32 (on stderr). Writes benchmarks/quality.json.
 """
 
 import argparse
@@ -41,6 +42,8 @@ def evaluate(bundle, text):
         "network": manifest.get("network", {"layers": [{"cell": "gru", "units": manifest.get("units")}]}),
         "config": training.get("config"),
         "windowed_loss": model.score(text, window=WINDOW)["loss"],
+        "int8_windowed_loss": charrnn_runtime.load(bundle, provider="cpu", variant="int8").score(
+            text, window=WINDOW)["loss"],
         "full_context_loss": model.score(text)["loss"],
         "training_best_val_loss": min((r["val_loss"] for r in validated), default=None),
         "epochs": len(history),
@@ -76,6 +79,10 @@ def main():
     held_out = text[held_out_start(len(text), VALIDATION_FRACTION):]
     print(f"held-out text: the last {len(held_out):,} characters of {DEFAULT_CORPUS.name}", file=sys.stderr)
     results = [evaluate(bundle, held_out) for bundle in args.bundles]
+    for r in results:
+        cost = (r["int8_windowed_loss"] - r["windowed_loss"]) / math.log(2)
+        print(f"{describe(r)}: int8 {r['int8_windowed_loss']:.4f} nats in windows of {WINDOW}, "
+              f"{cost:+.4f} bits/char against fp32", file=sys.stderr)
     print(table(results))
     Path(args.out).write_text(json.dumps({"held_out_chars": len(held_out), "window": WINDOW,
                                           "results": results}, indent=2) + "\n")
