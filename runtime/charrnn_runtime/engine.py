@@ -260,14 +260,14 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the requests' readers get it; the engine serves on
             self._fail(self.rows, e if isinstance(e, CharrnnError) else CharrnnError(f"generation failed: {e}"))
             return len(self.rows)
-        self._keep_final_states([i for i, r in enumerate(self.rows) if r.done])
+        self._keep_final_states([i for i, r in enumerate(self.rows) if r.sequence.finished])
         counters = self.counters  # counted before the readers wake: what they read next includes this step
         counters["generated_chars_total"] += len(self.rows)
         counters["steps_total"] += 1
         counters["batch_rows_sum"] += len(self.rows)
         counters["step_seconds_sum"] += time.perf_counter() - started
         now = time.monotonic()
-        self._wake([r for r in self.rows if r.done or (r.streaming and now - r.last_wake >= self.flush_seconds)], now)
+        self._wake([r for r in self.rows if r.sequence.finished or (r.streaming and now - r.last_wake >= self.flush_seconds)], now)
         return len(self.rows)
 
     def _prefill_next(self) -> bool:
@@ -279,7 +279,7 @@ class Engine:
             job = self.jobs.popleft()
             now = time.monotonic()
             self._expire(job.requests, now)
-            live = [r for r in job.requests if not (r.cancelled or r.done)]
+            live = [r for r in job.requests if not (r.cancelled or r.sequence.finished)]
             for request in live:
                 request.sequence.start_prefill()
         if live:
@@ -299,15 +299,15 @@ class Engine:
             for request in job.requests:
                 if request.cancelled:
                     self._finish(request, "cancelled")
-                elif not request.done:
+                elif not request.sequence.finished:
                     request.start_state = fed.state
                     request.sequence.prefilled(fed.logits_before, fed.cached)
-                    if request.done:  # nothing to generate
+                    if request.sequence.finished:  # nothing to generate
                         request.final_state = fed.state
                         self._finished(request, now)
                     else:
                         self.ready.append(request)
-            self._wake([r for r in job.requests if r.done], now)
+            self._wake([r for r in job.requests if r.sequence.finished], now)
             self.changed.notify_all()
         return True
 
@@ -341,11 +341,11 @@ class Engine:
         now = time.monotonic()
         self._expire(self.ready, now)
         self._expire(self.rows, now)
-        leaving = [r for r in self.rows if r.done or r.cancelled]
+        leaving = [r for r in self.rows if r.sequence.finished or r.cancelled]
         joining = []
         while self.ready and (evict_all or len(self.rows) - len(leaving) + len(joining) < self.max_batch):
             request = self.ready.popleft()
-            if request.cancelled or request.done:
+            if request.cancelled or request.sequence.finished:
                 leaving.append(request)
             else:
                 request.admitted_at = now
@@ -353,10 +353,10 @@ class Engine:
                 joining.append(request)
         if not leaving and not joining:
             return
-        self._keep_final_states([i for i, r in enumerate(self.rows) if r.cancelled or r.done])
+        self._keep_final_states([i for i, r in enumerate(self.rows) if r.cancelled or r.sequence.finished])
         for request in leaving:
             self._finish(request, "cancelled")  # no-op for those that finished by themselves
-        kept = [i for i, r in enumerate(self.rows) if not (r.done or r.cancelled)]
+        kept = [i for i, r in enumerate(self.rows) if not (r.sequence.finished or r.cancelled)]
         parts = ([self.stepper.state(kept)] if kept else []) + [r.start_state for r in joining]
         self.rows = [self.rows[i] for i in kept] + joining
         self.stepper = Stepper(self.model, State.concat(parts)) if self.rows else None
@@ -378,9 +378,10 @@ class Engine:
 
     def _expire(self, requests, now: float) -> None:
         """The timeouts: past request_timeout a request ends with the text it has; waiting past
-        queue_timeout without a row, it is refused (EngineBusy)."""
+        queue_timeout without a row, it is refused (EngineBusy). A request with a row is woken once it
+        leaves the batch (its final state kept); one without, here."""
         for request in requests:
-            if request.done:
+            if request.sequence.finished:
                 continue
             waited = now - request.submitted
             if self.request_timeout is not None and waited > self.request_timeout:
@@ -390,7 +391,9 @@ class Engine:
                 self._finish(request, "rejected")
             else:
                 continue
-            self._wake([request], now)
+            if request.admitted_at is None:
+                request.final_state = request.start_state  # its prompt's, if it was fed
+                self._wake([request], now)
 
     def _sample_and_accept(self) -> np.ndarray:
         """Every row's next character, sampled with its settings and noise, and accepted by its Sequence."""
@@ -438,7 +441,7 @@ class Engine:
 
     def _finish(self, request: Request, reason: str) -> None:
         """End a request from outside its Sequence (cancelled, timed out, failed, refused)."""
-        if not request.done:
+        if not request.sequence.finished:
             request.sequence.finish(reason)
             self._finished(request, time.monotonic())
 
@@ -473,9 +476,11 @@ class Engine:
             self.changed.notify_all()
 
     def _wake(self, requests: list[Request], now: float) -> None:
-        """Wake the readers of `requests`: one event-loop call per loop, not one per request."""
+        """Wake the readers of `requests`: one event-loop call per loop, not one per request. A finished
+        request shows as done to its readers from here on: after all its bookkeeping (final state, counts)."""
         by_loop = collections.defaultdict(list)
         for request in requests:
+            request.done = request.sequence.finished
             request._wake(now, by_loop)
         for loop, events in by_loop.items():
             try:

@@ -37,6 +37,7 @@ class Request:
         self.final_state: State | None = None  # the row's state when it left the batch
         self.admitted_at: float | None = None  # when it got a row
         self.cancelled = False
+        self.done = False  # finished, as its readers see it: set when the engine wakes them, all bookkeeping done
         self.streaming = False  # read chunk by chunk: woken every flush interval, not only at the end
         self.error: Exception | None = None
         self.submitted = time.monotonic()
@@ -45,9 +46,6 @@ class Request:
         self._changed = threading.Event()
         self._async_changed: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
-    @property
-    def done(self) -> bool:
-        return self.sequence.finished
 
     @property
     def finish_reason(self) -> str | None:

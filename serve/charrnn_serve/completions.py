@@ -160,42 +160,63 @@ def sse(obj: dict) -> str:
 
 
 async def stream_events(head: dict, body: CompletionRequest, prompt: str, requests, state_token):
-    """Server-sent events merging the choices' engine requests, ending with [DONE].
+    """Server-sent events of the choices' engine requests, ending with [DONE].
 
     Each event carries what a choice's row produced since its last event (the engine coalesces
-    characters), and a final event per choice its finish_reason. Leaving early (the client went
-    away) cancels the requests, which frees their rows."""
-    queue = asyncio.Queue()
+    characters), and a final event per choice its finish_reason. One choice is read directly; several
+    are merged as they come. The event's fixed part is encoded once per response, not per event.
+    Leaving early (the client went away) cancels the requests, which frees their rows."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    chunk_head = {**head, "usage": None} if include_usage else head
-
-    async def pump(choice):
-        try:
-            async for chunk in choice.request:
-                queue.put_nowait((choice, chunk, None))
-            queue.put_nowait((choice, "", choice.request.finish_reason))
-        except CharrnnError as e:  # what the client may read (e.g. the engine stopped): the stream's last event
-            queue.put_nowait((choice, None, str(e)))
-        except Exception:  # noqa: BLE001 - a bug: logged here, a generic last event there
-            log.exception("streaming a completion failed")
-            queue.put_nowait((choice, None, "internal server error"))
-
-    tasks = [asyncio.ensure_future(pump(choice)) for choice in choices(body, prompt, requests, state_token)]
+    chunk_head = json.dumps({**head, "usage": None} if include_usage else head, ensure_ascii=False)
+    start, end = f'data: {chunk_head[:-1]},"choices":[', "]}\n\n"
+    streams = [choice_pieces(choice) for choice in choices(body, prompt, requests, state_token)]
     try:
-        remaining = len(tasks)
-        while remaining:
-            choice, chunk, end = await queue.get()
-            if chunk is None:
-                yield sse(openai_error(end, "server_error"))
-                return
-            remaining -= end is not None
-            yield sse({**chunk_head, "choices": [choice.piece(chunk, end)]})
+        async for piece in streams[0] if len(streams) == 1 else merged(streams):
+            yield start + json.dumps(piece, ensure_ascii=False) + end
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(prompt, requests)})
         yield "data: [DONE]\n\n"
+    except CharrnnError as e:  # what the client may read (e.g. the engine stopped): the stream's last event
+        yield sse(openai_error(str(e), "server_error"))
+    except Exception:  # noqa: BLE001 - a bug: logged here, a generic last event there
+        log.exception("streaming a completion failed")
+        yield sse(openai_error("internal server error", "server_error"))
     finally:
         for request in requests:
             request.cancel()
+
+
+async def choice_pieces(choice: Choice):
+    """A choice's pieces as its request produces them, then its finish_reason."""
+    async for chunk in choice.request:
+        yield choice.piece(chunk)
+    yield choice.piece("", choice.request.finish_reason)
+
+
+async def merged(streams):
+    """The items of several async iterators as they come; an error in one ends it all."""
+    queue, done = asyncio.Queue(), object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                queue.put_nowait(item)
+            queue.put_nowait(done)
+        except Exception as e:  # noqa: BLE001 - raised to the reader below
+            queue.put_nowait(e)
+
+    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is done:
+                remaining -= 1
+            else:
+                yield item
+    finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
