@@ -18,7 +18,9 @@ the batch, for every variant whose rows do not interact (fp32; bundles' int8 bef
 fixed-scale quantization shared a scale across the batch).
 
 Streaming readers are woken at most every `flush_seconds` with everything their row produced
-since, so many clients cost tens of wake-ups per second each, not one per character. The
+since, so many clients cost tens of wake-ups per second each, not one per character; with many
+streams the interval grows (STREAM_WAKE_SECONDS per streaming row), so the readers' work (an HTTP
+event each) stays a bounded share of the cores the batch needs. A reader's first text comes at once. The
 onnxruntime calls release the GIL, so an asyncio server keeps serving while the stages run.
 
 Limits: `queue_timeout` refuses (EngineBusy) a request that waited longer for a row;
@@ -82,6 +84,9 @@ class Job(NamedTuple):
     ids: np.ndarray
     requests: list[Request]
     start: State | None  # a continued stream's state, else the initial state
+
+
+STREAM_WAKE_SECONDS = 0.00025  # a streaming row's share of the wake interval: 256 streams → every 64 ms
 
 
 class Engine:
@@ -267,7 +272,8 @@ class Engine:
         counters["batch_rows_sum"] += len(self.rows)
         counters["step_seconds_sum"] += time.perf_counter() - started
         now = time.monotonic()
-        self._wake([r for r in self.rows if r.sequence.finished or (r.streaming and now - r.last_wake >= self.flush_seconds)], now)
+        interval = max(self.flush_seconds, STREAM_WAKE_SECONDS * sum(r.streaming for r in self.rows))
+        self._wake([r for r in self.rows if r.sequence.finished or (r.streaming and now - r.last_wake >= interval)], now)
         return len(self.rows)
 
     def _prefill_next(self) -> bool:
