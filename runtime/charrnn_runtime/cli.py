@@ -8,7 +8,7 @@ import click
 
 from . import __version__
 from .bundle import MODEL_ENV
-from .command import BadInput, Command, cli_errors, require_onnxruntime
+from .command import Command, cli_errors, require_onnxruntime
 from .params import MAX_SEED, SamplingParams
 
 EPILOG = ("The prompt is printed, then the generated text streams after it. An empty prompt starts from "
