@@ -2,6 +2,7 @@
 (where length and stop rules live), Generator and Engine as thin drivers over it."""
 
 import asyncio
+import math
 import threading
 
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import SHIPPED, assert_one_line_error, run_python
 import charrnn_runtime
 from charrnn_runtime import CharrnnError, SamplingParams, Sequence
 from charrnn_runtime.cli import main as run_cli
-from charrnn_runtime.engine import Engine
+from charrnn_runtime.engine import WINDOW, Engine
 from charrnn_runtime.sequence import Status
 
 VOCAB = list("abc\n")
@@ -114,8 +115,32 @@ def test_an_engine_without_a_thread_is_stepped_by_its_caller(model):
         steps += 1
     assert [r.result(timeout=0).text for r in requests] == [model.generate("", 30 + i, seed=i, temperature=0.7)
                                                              for i in range(3)]
-    assert steps == 30 + 32  # the third takes the first free row, at step 31
+    # A freed row is taken at the end of the engine's window of steps, or at once when no row is left
+    # generating: the first row frees after step 30, the second after step 31.
+    joins = min(math.ceil(30 / WINDOW) * WINDOW, 31) + 1
+    assert steps == joins - 1 + 32
     assert engine.step() == 0
+    engine.close()
+
+
+def test_rows_that_end_anywhere_in_a_window_continue_exactly(model):
+    """Rows end mid-window (length, stop string, cancelled) while others join: each one's continuation
+    (state and noise position) goes on as one longer solo run."""
+    engine = Engine(model, max_batch=4, background=False)
+    settings = [dict(length=WINDOW + 3), dict(length=2 * WINDOW, stop="e"), dict(length=5),
+                dict(length=3 * WINDOW + 1, stop=" "), dict(length=40)]
+    requests = [engine.submit("", seed=i, temperature=0.9, **options) for i, options in enumerate(settings)]
+    for _ in range(WINDOW + 3):  # the last one takes the row of the third at the first window's end
+        engine.step()
+    assert requests[4].admitted_at is not None and engine.window_step not in (0, WINDOW)
+    requests[4].cancel()  # it has a row by now, in the middle of a window
+    while engine.step():
+        pass
+    assert requests[4].finish_reason == "cancelled" and 0 < len(requests[4].sequence.chars) < 40
+    for i, request in enumerate(requests):
+        done = request.result(timeout=0)
+        more = model.generate("", 20, seed=i, temperature=0.9, continuation=done.continuation)
+        assert done.text + more == model.generate("", len(done.text) + 20, seed=i, temperature=0.9)
     engine.close()
 
 
@@ -145,7 +170,7 @@ def test_importing_the_runtime_and_its_engine_loads_no_cli_web_or_tensorflow_mod
     code = f"""
 import sys
 import charrnn_runtime
-from charrnn_runtime.engine import Engine
+from charrnn_runtime.engine import WINDOW, Engine
 with Engine(charrnn_runtime.load({str(SHIPPED)!r}, provider="cpu")) as engine:
     engine.submit("", 5, seed=0).result()
 heavy = ("click", "fastapi", "starlette", "uvicorn", "ray", "charrnn_serve", "tensorflow", "keras", "tf2onnx", "onnx")

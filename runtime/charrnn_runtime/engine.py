@@ -8,9 +8,12 @@
 Every request is a Sequence. Its prompt is fed in one call of the prefill stage (prefill.py:
 the bundle's prefill graph, and a prefix cache), beside the batch, so a long prompt neither waits
 one batched step per character nor stalls the rows that are generating; the n choices of one
-submission share that one prefill. Then it takes a row: `step()` admits and evicts rows, samples
-every row (one draw per settings group), lets each Sequence accept its character, and steps the
-model once for the whole batch. With `background=True` (the default) two threads run the stages;
+submission share that one prefill. Then it takes a row: `step()` samples every row (one draw per
+settings group), lets each Sequence accept its character, and steps the model once for the whole
+batch. Rows are admitted and evicted once a window of WINDOW steps (or at once when no row is left
+generating), and the window's noise is drawn then for all rows: the per-row Python of regrouping the
+batch is paid once a window, not every step, at the cost of a finished row's place staying idle
+until the window ends (a new request waits at most WINDOW steps for it). With `background=True` (the default) two threads run the stages;
 `background=False` leaves them to the caller's `step()`, as onnxruntime-genai's Engine does. Each
 row samples with its own settings and noise and model.generate feeds prompts through the same
 prefill graph, so a request's text is `model.generate`'s with the same settings whatever shares
@@ -87,6 +90,8 @@ class Job(NamedTuple):
 
 
 STREAM_WAKE_SECONDS = 0.00025  # a streaming row's share of the wake interval: 256 streams → every 64 ms
+WINDOW = 8  # steps between admissions and evictions while rows generate: the per-row work of
+# regrouping the batch and drawing its noise is done once a window, not every step
 
 
 class Engine:
@@ -120,6 +125,9 @@ class Engine:
         self.stepper: Stepper | None = None  # the batch's state, one row per request
         self.groups: list[tuple[SamplingParams, np.ndarray]] = []  # rows sampled together, by sampler
         self.logprobs_wanted = False  # does a row record log-probabilities (then each step computes them)
+        self.live = 0  # rows still generating (the others wait for the window's end to leave)
+        self.window_noise: np.ndarray | None = None  # [WINDOW, rows, vocab]: every row's noise of this window
+        self.window_step = 0  # steps of the window taken
         self.accepting = True
         self.failure: BaseException | None = None  # what killed a stage
         self.running = True
@@ -202,7 +210,7 @@ class Engine:
         """Counters since start (requests_total by finish reason, characters, prefix cache hits, steps,
         step seconds, rows stepped), gauges (active rows, waiting requests, cache bytes) and histograms."""
         with self.changed:
-            return {"requests_total": dict(self.finished), **self.counters, "active_rows": len(self.rows),
+            return {"requests_total": dict(self.finished), **self.counters, "active_rows": self.live,
                     "waiting_requests": self._waiting(), "max_batch": self.max_batch,
                     "prefix_cache_bytes": self.cache.bytes if self.cache else 0,
                     **{name: histogram.snapshot() for name, histogram in self.histograms.items()}}
@@ -246,35 +254,41 @@ class Engine:
     # -- the stages ---------------------------------------------------------------------------------
 
     def step(self) -> int:
-        """Without threads, feed the queued prompts first. Then one batched step: admit/evict rows,
-        sample a character for every row, let each Sequence accept it, and step the model. Returns the
-        rows stepped (0: nothing to do).
+        """Without threads, feed the queued prompts first. Then one batched step: admit/evict rows if
+        the window is over, sample a character for every row, let each Sequence accept it, and step the
+        model. Returns the rows stepped (0: nothing to do).
 
         A failing model step fails the requests in the batch (their readers get the error), not the engine."""
         if not self.threads:
             while self._prefill_next():
                 pass
         with self.changed:
-            self._schedule()
+            if self.window_step == WINDOW or not self.live:
+                self._schedule()
         if not self.rows:
             return 0
         started = time.perf_counter()
         try:
-            chars = self._sample_and_accept()
+            chars, ended = self._sample_and_accept()
             self.stepper.step(chars)
         except Exception as e:  # noqa: BLE001 - the requests' readers get it; the engine serves on
-            self._fail(self.rows, e if isinstance(e, CharrnnError) else CharrnnError(f"generation failed: {e}"))
+            self._fail([r for r in self.rows if not r.sequence.finished],
+                       e if isinstance(e, CharrnnError) else CharrnnError(f"generation failed: {e}"))
+            self.live = 0
             return len(self.rows)
-        self._keep_final_states([i for i, r in enumerate(self.rows) if r.sequence.finished])
+        self._keep_final_states(ended)
+        self.window_step += 1
         counters = self.counters  # counted before the readers wake: what they read next includes this step
-        counters["generated_chars_total"] += len(self.rows)
+        counters["generated_chars_total"] += self.live + len(ended)  # the rows that took a character
         counters["steps_total"] += 1
         counters["batch_rows_sum"] += len(self.rows)
         counters["step_seconds_sum"] += time.perf_counter() - started
         now = time.monotonic()
-        interval = max(self.flush_seconds, STREAM_WAKE_SECONDS * sum(r.streaming for r in self.rows))
-        self._wake([r for r in self.rows if r.sequence.finished or (r.streaming and now - r.last_wake >= interval)], now)
-        return len(self.rows)
+        rows = self.rows
+        interval = max(self.flush_seconds, STREAM_WAKE_SECONDS * sum(r.streaming for r in rows))
+        self._wake([rows[i] for i in ended] + [r for r in rows if r.streaming and not r.sequence.finished
+                                               and now - r.last_wake >= interval], now)
+        return len(rows)
 
     def _prefill_next(self) -> bool:
         """Feed the prompt of the oldest queued submission (outside the lock) and hand its requests
@@ -345,6 +359,10 @@ class Engine:
         """Evict finished and cancelled rows (keeping their final state), admit ready requests into free
         rows (under the lock); evict_all: also take every ready request off the queue (all are cancelled)."""
         now = time.monotonic()
+        unused = WINDOW - self.window_step if self.window_noise is not None else 0
+        for request in self.rows:  # the rows still generating give back the noise of the window they did not use
+            if unused and not request.sequence.finished:
+                request.sequence.noise.put_back(unused)
         self._expire(self.ready, now)
         self._expire(self.rows, now)
         leaving = [r for r in self.rows if r.sequence.finished or r.cancelled]
@@ -358,6 +376,7 @@ class Engine:
                 self.histograms["request_queue_time_seconds"].observe(now - request.submitted)
                 joining.append(request)
         if not leaving and not joining:
+            self._start_window()
             return
         self._keep_final_states([i for i, r in enumerate(self.rows) if r.cancelled or r.sequence.finished])
         for request in leaving:
@@ -371,8 +390,15 @@ class Engine:
             groups[request.sequence.params.sampler].append(i)
         self.groups = [(self.rows[members[0]].sequence.params, np.asarray(members)) for members in groups.values()]
         self.logprobs_wanted = any(r.sequence.params.logprobs is not None for r in self.rows)
+        self._start_window()
         self._wake(leaving + joining, now)  # joining: for readers waiting for their row
         self.changed.notify_all()  # for drain()
+
+    def _start_window(self) -> None:
+        """Draw every row's noise for the next WINDOW steps (a row that ends early puts the rest back)."""
+        self.live, self.window_step = len(self.rows), 0
+        self.window_noise = np.concatenate([r.sequence.noise.take(WINDOW) for r in self.rows], axis=1) \
+            if self.rows else None
 
     def _keep_final_states(self, rows: list[int]) -> None:
         """The state of rows that end, for their continuations (taken once, right after their last step)."""
@@ -386,6 +412,8 @@ class Engine:
         """The timeouts: past request_timeout a request ends with the text it has; waiting past
         queue_timeout without a row, it is refused (EngineBusy). A request with a row is woken once it
         leaves the batch (its final state kept); one without, here."""
+        if self.request_timeout is None and self.queue_timeout is None:
+            return
         for request in requests:
             if request.sequence.finished:
                 continue
@@ -401,23 +429,39 @@ class Engine:
                 request.final_state = request.start_state  # its prompt's, if it was fed
                 self._wake([request], now)
 
-    def _sample_and_accept(self) -> np.ndarray:
-        """Every row's next character, sampled with its settings and noise, and accepted by its Sequence."""
+    def _sample_and_accept(self) -> tuple[np.ndarray, list[int]]:
+        """Every row's next character, sampled with its settings and noise, and accepted by its Sequence
+        (rows that ended earlier in the window are stepped, their characters dropped). Returns the
+        characters and the rows that ended at this step: a cancelled row ends before it (its text and
+        its final state without this character), a finished one after it."""
         rows = self.rows
         logprobs = log_softmax(self.stepper.logits) if self.logprobs_wanted else [None] * len(rows)
         chars = self._sample()
         now = time.monotonic()
-        for request, char, row_logprobs in zip(rows, chars.tolist(), logprobs):
-            if request.sequence.accept(char, row_logprobs):
+        finished = []
+        for i, (request, char, row_logprobs) in enumerate(zip(rows, chars.tolist(), logprobs)):
+            sequence = request.sequence
+            if sequence.finished:
+                continue
+            if request.cancelled:
+                self._keep_final_states([i])
+                sequence.noise.put_back(WINDOW - self.window_step)
+                self._finish(request, "cancelled")
+                self.live -= 1
+                continue
+            if sequence.accept(char, row_logprobs):
+                sequence.noise.put_back(WINDOW - self.window_step - 1)
                 self._finished(request, now)
-            if len(request.sequence.chars) == 1:
+                self.live -= 1
+                finished.append(i)
+            if len(sequence.chars) == 1:
                 self.histograms["time_to_first_char_seconds"].observe(now - request.submitted)
-        return chars
+        return chars, finished
 
     def _sample(self) -> np.ndarray:
         """Next characters of all rows, each with its own settings and its own seed's noise."""
         logits = self.stepper.logits
-        noise = np.concatenate([r.sequence.noise.next() for r in self.rows])
+        noise = self.window_noise[self.window_step]
         if len(self.groups) == 1:
             return sample(logits, self.groups[0][0], noise).astype(np.int32)
         ids = np.empty(len(self.rows), np.int32)

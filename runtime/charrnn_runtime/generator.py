@@ -151,6 +151,6 @@ class Generator:
         if used == len(block):
             return
         self.stepper.undo()
-        self.sequences[0].noise.put_back(self.block_noise)
+        self.sequences[0].noise.put_back(len(self.block_noise))
         if used:
             self.next_block(used)

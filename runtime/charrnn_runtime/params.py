@@ -7,6 +7,7 @@ HTTP layer maps fields to its own names and never reads messages.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import secrets
 from collections.abc import Iterable, Mapping
@@ -89,7 +90,7 @@ class SamplingParams:
             if (getattr(self, name) or 0) > size:
                 raise CharrnnError(f"{name} must be at most the vocabulary size {size}", name)
 
-    @property
+    @functools.cached_property
     def sampler(self) -> tuple:
         """What the draw itself depends on: rows with equal samplers are sampled together."""
         return self.temperature, self.top_k, self.top_p, self.logit_bias

@@ -90,22 +90,38 @@ class GumbelNoise:
             generator.bit_generator.advance(start * vocab)
         self.vocab = vocab
         self.drawn = start  # steps handed out, counted from the seed's first
-        self.unused = np.empty((0, len(seeds), vocab))
+        self.block = np.empty((0, len(seeds), vocab))  # drawn steps; those from `cursor` on are unused
+        self.cursor = 0
 
     def next(self):
-        return self.take(1)[0]
+        """The next step's noise [n, vocab]: an index into the block (the engine calls it per row and step)."""
+        if self.cursor == len(self.block):
+            self._draw(1)
+        self.cursor += 1
+        self.drawn += 1
+        return self.block[self.cursor - 1]
 
     def take(self, steps):
         """Noise of the next `steps` steps: [steps, n, vocab]."""
-        while len(self.unused) < steps:
-            uniforms = np.stack([g.random((self.BLOCK, self.vocab)) for g in self.generators], axis=1)
-            with np.errstate(divide="ignore"):  # U == 0 gives -inf: that character just cannot win
-                self.unused = np.concatenate([self.unused, -np.log(-np.log(uniforms))])
-        taken, self.unused = self.unused[:steps], self.unused[steps:]
+        if len(self.block) - self.cursor < steps:
+            self._draw(steps)
+        taken = self.block[self.cursor:self.cursor + steps]
+        self.cursor += steps
         self.drawn += steps
         return taken
 
-    def put_back(self, noise):
-        """Return the last steps taken, unused: the next take starts with them."""
-        self.unused = np.concatenate([noise, self.unused])
-        self.drawn -= len(noise)
+    def put_back(self, steps):
+        """Un-take the last `steps` steps taken: the next take starts with them."""
+        if not 0 <= steps <= self.cursor:
+            raise ValueError(f"cannot put back {steps} steps: {self.cursor} were taken from this block")
+        self.cursor -= steps
+        self.drawn -= steps
+
+    def _draw(self, steps):
+        """Draw blocks until `steps` unused steps are at hand, the unused ones first."""
+        parts = [self.block[self.cursor:]]
+        while sum(map(len, parts)) < steps:
+            uniforms = np.stack([g.random((self.BLOCK, self.vocab)) for g in self.generators], axis=1)
+            with np.errstate(divide="ignore"):  # U == 0 gives -inf: that character just cannot win
+                parts.append(-np.log(-np.log(uniforms)))
+        self.block, self.cursor = np.concatenate(parts), 0

@@ -43,13 +43,10 @@ class Sequence:
         self.logprobs: list[Logprob] = []  # one per generated character, with params.logprobs
         self.prompt_logprobs: list[Logprob] = []  # one per prompt character, with params.prompt_logprobs
         self.status = Status.WAITING
+        self.finished = False  # status is FINISHED (an attribute: the engine reads it per row and step)
         self.finish_reason: str | None = None  # "length", "stop", "timeout", "cancelled" or "error"
         self.stop_chars = 0  # the length of the stop string that ended it
         self._longest_stop = max(map(len, params.stop), default=0)
-
-    @property
-    def finished(self) -> bool:
-        return self.status is Status.FINISHED
 
     @property
     def text(self) -> str:
@@ -116,7 +113,7 @@ class Sequence:
 
     def finish(self, reason: str) -> None:
         if self.finish_reason is None:
-            self.status, self.finish_reason = Status.FINISHED, reason
+            self.status, self.finish_reason, self.finished = Status.FINISHED, reason, True
 
     def _ending_stop(self) -> str | None:
         tail = "".join(self.chars[-self._longest_stop:])

@@ -7,7 +7,7 @@ PROMETHEUS = [  # (name, type, help, engine metric)
      "requests_rejected_total"),
     ("charrnn_prompt_chars_total", "counter", "Prompt characters fed.", "prompt_chars_total"),
     ("charrnn_generated_chars_total", "counter", "Characters generated.", "generated_chars_total"),
-    ("charrnn_active_rows", "gauge", "Requests in the batch now.", "active_rows"),
+    ("charrnn_active_rows", "gauge", "Requests generating in the batch now.", "active_rows"),
     ("charrnn_waiting_requests", "gauge", "Requests waiting for a row.", "waiting_requests"),
     ("charrnn_max_batch", "gauge", "Rows the batch can hold.", "max_batch"),
     ("charrnn_step_seconds", "summary", "Time per batched step.", "step_seconds_sum"),
