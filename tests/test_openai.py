@@ -257,3 +257,25 @@ def test_the_engine_records_what_http_returns(model):
     assert len(sequence.logprobs) == len(sequence.chars) and all(set(lp[1]) == {c} for lp, c in
                                                                   zip(sequence.logprobs, sequence.chars))
     assert json.dumps(sequence.logprobs)  # plain floats and strings
+
+
+def test_merged_choices_keep_each_order_and_end_at_the_first_error():
+    """Several choices stream as their rows produce: each choice's pieces in order, interleaved; an
+    error in one ends the whole stream (the others are cancelled)."""
+    from charrnn_serve.completions import merged
+
+    async def pieces(name, count, fail=False):
+        for i in range(count):
+            await asyncio.sleep(0)
+            yield f"{name}{i}"
+        if fail:
+            raise charrnn_runtime.CharrnnError("the engine stopped")
+
+    async def read(streams):
+        return [item async for item in merged(streams)]
+
+    items = asyncio.run(read([pieces("a", 3), pieces("b", 5)]))
+    assert sorted(items) == ["a0", "a1", "a2", "b0", "b1", "b2", "b3", "b4"]
+    assert [i for i in items if i[0] == "b"] == ["b0", "b1", "b2", "b3", "b4"] and items[:2] == ["a0", "b0"]
+    with pytest.raises(charrnn_runtime.CharrnnError, match="stopped"):
+        asyncio.run(read([pieces("a", 1, fail=True), pieces("b", 1000)]))
