@@ -153,6 +153,9 @@ def test_validation_measures_the_averaged_weights(tmp_path, tiny_corpus):
                                config.batch_size, config.buffer_size, config.seed, config.validation_fraction)
     loss = model.evaluate(*validation, batch_size=config.batch_size, verbose=0)
     assert loss == pytest.approx(history[run.best_epoch - 1]["val_loss"], rel=1e-5)
+    trained = keras.models.load_model(run.checkpoint(len(history)))  # the last epoch's weights, not averaged
+    loss = trained.evaluate(*validation, batch_size=config.batch_size, verbose=0)
+    assert loss == pytest.approx(history[-1]["trained_val_loss"], rel=1e-5) != history[-1]["val_loss"]
 
 
 def test_a_run_with_every_regulariser_saves_plain_layers_and_exports(tmp_path, tiny_corpus):

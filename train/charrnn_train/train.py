@@ -187,11 +187,13 @@ def train(run, log=print, callbacks=()):
             record["averaged_steps"] = average.steps  # validation measures the average once it is > 0
         weights = run_weights(model, average)
         if validation is not None:
-            trained = model.get_weights()
+            if average and average.steps:  # the trained weights too: what the averaging buys
+                record["trained_val_loss"] = float(model.evaluate(*validation, batch_size=config.batch_size, verbose=0))
+            trained_weights = model.get_weights()
             model.set_weights(weights)
             record["val_loss"] = float(model.evaluate(*validation, batch_size=config.batch_size, verbose=0))
             record["val_bits_per_char"] = record["val_loss"] / LN2
-            model.set_weights(trained)
+            model.set_weights(trained_weights)
         record["learning_rate"] = float(model.optimizer.learning_rate)
         record["seconds"] = time.perf_counter() - started
         record["cpu_seconds"] = time.process_time() - cpu_started  # all threads; fair where cores are shared
@@ -265,6 +267,9 @@ def plot_history(history, path):
     ax.plot(epochs, [r["loss"] for r in history], marker="o", label="training loss")
     if history and "val_loss" in history[0]:
         ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="validation loss")
+    trained = [(r["epoch"], r["trained_val_loss"]) for r in history if "trained_val_loss" in r]
+    if trained:
+        ax.plot(*zip(*trained), linestyle="--", label="validation loss, weights not averaged")
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy (nats/char)")
     ax.set_xticks(epochs)
