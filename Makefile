@@ -69,7 +69,21 @@ GRU2X512_AWD = --layers 2 --cell gru --units 512 --embedding-dim 128 --dropout 0
 shakespeare-gru2x512-awd: $(VENV)/.dev
 	$(call train_or_resume,shakespeare-gru2x512-awd,$(GRU2X512_AWD))
 	$(BIN)/charrnn-export runs/shakespeare-gru2x512-awd runs/shakespeare-gru2x512-awd/bundle --force --runtime-only
-	$(BIN)/python benchmarks/quality.py runs/shakespeare-gru2x512-awd/bundle models/shakespeare-gru2x512
+	$(BIN)/python benchmarks/quality.py runs/shakespeare-gru2x512-awd/bundle models/shakespeare-gru2x512 \
+		--out runs/shakespeare-gru2x512-awd/quality.json
+
+# Ablations of the round-2 recipe (README): the recipe with one regulariser taken out, or another seed;
+# click keeps an option's last value, so each is the recipe plus one override.
+# `make ablation-no-weight-drop` trains (or resumes) runs/shakespeare-gru2x512-awd-no-weight-drop.
+ABLATION_no-weight-drop = --weight-drop 0
+ABLATION_no-locked-dropout = --no-locked-dropout
+ABLATION_no-weight-decay = --weight-decay 0
+ABLATION_no-average = --average none
+ABLATION_seed-2 = --seed 2
+ablation-%: $(VENV)/.dev
+	$(call train_or_resume,shakespeare-gru2x512-awd-$*,$(GRU2X512_AWD) $(ABLATION_$*))
+	$(BIN)/charrnn-export runs/shakespeare-gru2x512-awd-$* runs/shakespeare-gru2x512-awd-$*/bundle --force --runtime-only
+	$(BIN)/python benchmarks/quality.py runs/shakespeare-gru2x512-awd-$*/bundle --out runs/shakespeare-gru2x512-awd-$*/quality.json
 
 # The shipped bundles' derived graphs (int8 cell, sampling loop, prefill) remade from their fp32 model.onnx
 # and validated, in place: no training run or TensorFlow needed (after a change to export/quantize.py, ...).

@@ -40,7 +40,7 @@ model is the epoch with the best validation loss."""
 @click.option("--min-learning-rate", type=float, default=0.0, show_default=True,
               help="Where the cosine schedule ends.")
 @click.option("--clip-norm", type=float, default=None, help="Clip gradients to this global norm.  [default: off]")
-@click.option("--locked-dropout", is_flag=True,
+@click.option("--locked-dropout/--no-locked-dropout", default=False, show_default=True,
               help="Draw each --dropout mask once per sequence, shared by all its steps (variational dropout).")
 @click.option("--embedding-dropout", type=float, default=0.0, show_default=True,
               help="Drop whole characters from the embedding (one mask per batch).")
