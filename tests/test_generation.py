@@ -13,7 +13,7 @@ from conftest import SHIPPED, assert_one_line_error, run_python
 import charrnn_runtime
 from charrnn_runtime import CharrnnError, SamplingParams, Sequence
 from charrnn_runtime.cli import main as run_cli
-from charrnn_runtime.engine import WINDOW, Engine
+from charrnn_runtime.engine import LOOP_WINDOW, WINDOW, Engine
 from charrnn_runtime.sequence import Status
 
 VOCAB = list("abc\n")
@@ -144,6 +144,24 @@ def test_rows_that_end_anywhere_in_a_window_continue_exactly(model):
     engine.close()
 
 
+def test_a_lone_plain_row_runs_its_window_in_the_sampling_loop(model_path):
+    """One row of plain sampling takes LOOP_WINDOW steps per call of the int8 bundle's sampling loop (as
+    model.generate does); a newcomer joins at the window's end, and both texts and the continuation
+    equal their solo runs."""
+    int8 = charrnn_runtime.load(model_path, provider="cpu", variant="int8")
+    engine = Engine(int8, background=False)
+    first = engine.submit("", 2 * LOOP_WINDOW + 5, seed=3, temperature=0.8)
+    assert engine.step() == 1 and engine.metrics()["steps_total"] == LOOP_WINDOW
+    second = engine.submit("", 30, seed=4, temperature=0.8, stop="\n\n")
+    while engine.step():
+        pass
+    assert first.result(timeout=0).text == int8.generate("", 2 * LOOP_WINDOW + 5, seed=3, temperature=0.8)
+    assert second.result(timeout=0).text == int8.generate("", 30, seed=4, temperature=0.8, stop="\n\n")
+    more = int8.generate("", 20, seed=3, temperature=0.8, continuation=first.result(timeout=0).continuation)
+    assert first.result(timeout=0).text + more == int8.generate("", 2 * LOOP_WINDOW + 25, seed=3, temperature=0.8)
+    engine.close()
+
+
 def test_one_handle_serves_threads_and_asyncio(model):
     with Engine(model) as engine:
         request = engine.submit("", 50, seed=9)
@@ -170,7 +188,7 @@ def test_importing_the_runtime_and_its_engine_loads_no_cli_web_or_tensorflow_mod
     code = f"""
 import sys
 import charrnn_runtime
-from charrnn_runtime.engine import WINDOW, Engine
+from charrnn_runtime.engine import LOOP_WINDOW, WINDOW, Engine
 with Engine(charrnn_runtime.load({str(SHIPPED)!r}, provider="cpu")) as engine:
     engine.submit("", 5, seed=0).result()
 heavy = ("click", "fastapi", "starlette", "uvicorn", "ray", "charrnn_serve", "tensorflow", "keras", "tf2onnx", "onnx")

@@ -13,8 +13,9 @@ settings group), lets each Sequence accept its character, and steps the model on
 batch. Rows are admitted and evicted once a window of WINDOW steps (or at once when no row is left
 generating), and the window's noise is drawn then for all rows: the per-row Python of regrouping the
 batch is paid once a window, not every step, at the cost of a finished row's place staying idle
-until the window ends (a new request waits at most WINDOW steps for it). With `background=True` (the default) two threads run the stages;
-`background=False` leaves them to the caller's `step()`, as onnxruntime-genai's Engine does. Each
+until the window ends (a new request waits at most WINDOW steps for it). A lone row of plain
+sampling runs LOOP_WINDOW steps in one call of the bundle's sampling loop, as `model.generate` does.
+With `background=True` (the default) two threads run the stages; `background=False` leaves them to the caller's `step()`, as onnxruntime-genai's Engine does. Each
 row samples with its own settings and noise and model.generate feeds prompts through the same
 prefill graph, so a request's text is `model.generate`'s with the same settings whatever shares
 the batch, for every variant whose rows do not interact (fp32; bundles' int8 before the
@@ -48,10 +49,10 @@ from .errors import CharrnnError
 from .params import SamplingParams
 from .prefill import PrefixCache, prefill
 from .request import Completion, Request
-from .sampling import GumbelNoise, log_softmax, sample
+from .sampling import GumbelNoise, check_finite, log_softmax, loop_inputs, sample
 from .sequence import Sequence
 from .state import Continuation, State
-from .stepper import Stepper
+from .stepper import SamplingLoop, Stepper
 
 __all__ = ["Completion", "Engine", "EngineBusy", "Request"]
 
@@ -90,6 +91,7 @@ class Job(NamedTuple):
 
 
 STREAM_WAKE_SECONDS = 0.00025  # a streaming row's share of the wake interval: 256 streams → every 64 ms
+LOOP_WINDOW = 64  # the window of a lone row of plain sampling: one call of the bundle's sampling loop
 WINDOW = 8  # steps between admissions and evictions while rows generate: the per-row work of
 # regrouping the batch and drawing its noise is done once a window, not every step
 
@@ -126,8 +128,10 @@ class Engine:
         self.groups: list[tuple[SamplingParams, np.ndarray]] = []  # rows sampled together, by sampler
         self.logprobs_wanted = False  # does a row record log-probabilities (then each step computes them)
         self.live = 0  # rows still generating (the others wait for the window's end to leave)
-        self.window_noise: np.ndarray | None = None  # [WINDOW, rows, vocab]: every row's noise of this window
+        self.window_noise: np.ndarray | None = None  # [window, rows, vocab]: every row's noise of this window
+        self.window = WINDOW  # its steps: LOOP_WINDOW when `loop` runs them
         self.window_step = 0  # steps of the window taken
+        self.loop: SamplingLoop | None = None  # the sampling loop, for a window of a lone plain row
         self.accepting = True
         self.failure: BaseException | None = None  # what killed a stage
         self.running = True
@@ -263,25 +267,29 @@ class Engine:
             while self._prefill_next():
                 pass
         with self.changed:
-            if self.window_step == WINDOW or not self.live:
+            if self.window_step == self.window or not self.live:
                 self._schedule()
         if not self.rows:
             return 0
         started = time.perf_counter()
         try:
-            chars, ended = self._sample_and_accept()
-            self.stepper.step(chars)
+            if self.loop is not None and self.window_step == 0 and not self.rows[0].cancelled:
+                steps, ended = self._sample_in_loop()
+            else:
+                chars, ended = self._sample_and_accept()
+                self.stepper.step(chars)
+                steps = 1
         except Exception as e:  # noqa: BLE001 - the requests' readers get it; the engine serves on
             self._fail([r for r in self.rows if not r.sequence.finished],
                        e if isinstance(e, CharrnnError) else CharrnnError(f"generation failed: {e}"))
             self.live = 0
             return len(self.rows)
         self._keep_final_states(ended)
-        self.window_step += 1
+        self.window_step += steps
         counters = self.counters  # counted before the readers wake: what they read next includes this step
-        counters["generated_chars_total"] += self.live + len(ended)  # the rows that took a character
-        counters["steps_total"] += 1
-        counters["batch_rows_sum"] += len(self.rows)
+        counters["generated_chars_total"] += (self.live + len(ended)) * steps  # the rows that took characters
+        counters["steps_total"] += steps
+        counters["batch_rows_sum"] += len(self.rows) * steps
         counters["step_seconds_sum"] += time.perf_counter() - started
         now = time.monotonic()
         rows = self.rows
@@ -359,7 +367,7 @@ class Engine:
         """Evict finished and cancelled rows (keeping their final state), admit ready requests into free
         rows (under the lock); evict_all: also take every ready request off the queue (all are cancelled)."""
         now = time.monotonic()
-        unused = WINDOW - self.window_step if self.window_noise is not None else 0
+        unused = self.window - self.window_step if self.window_noise is not None else 0
         for request in self.rows:  # the rows still generating give back the noise of the window they did not use
             if unused and not request.sequence.finished:
                 request.sequence.noise.put_back(unused)
@@ -395,9 +403,15 @@ class Engine:
         self.changed.notify_all()  # for drain()
 
     def _start_window(self) -> None:
-        """Draw every row's noise for the next WINDOW steps (a row that ends early puts the rest back)."""
+        """Draw every row's noise for the window's steps (a row that ends early puts the rest back).
+        A lone row of plain sampling (no stop string) takes LOOP_WINDOW steps in one call of the
+        bundle's sampling loop, as `model.generate` does; a newcomer then waits at most that long."""
         self.live, self.window_step = len(self.rows), 0
-        self.window_noise = np.concatenate([r.sequence.noise.take(WINDOW) for r in self.rows], axis=1) \
+        params = self.rows[0].sequence.params if len(self.rows) == 1 else None
+        session = self.model.loop_session if params is not None and params.plain and not params.stop else None
+        self.loop = SamplingLoop(session) if session is not None else None
+        self.window = LOOP_WINDOW if self.loop is not None else WINDOW
+        self.window_noise = np.concatenate([r.sequence.noise.take(self.window) for r in self.rows], axis=1) \
             if self.rows else None
 
     def _keep_final_states(self, rows: list[int]) -> None:
@@ -445,18 +459,38 @@ class Engine:
                 continue
             if request.cancelled:
                 self._keep_final_states([i])
-                sequence.noise.put_back(WINDOW - self.window_step)
+                sequence.noise.put_back(self.window - self.window_step)
                 self._finish(request, "cancelled")
                 self.live -= 1
                 continue
             if sequence.accept(char, row_logprobs):
-                sequence.noise.put_back(WINDOW - self.window_step - 1)
+                sequence.noise.put_back(self.window - self.window_step - 1)
                 self._finished(request, now)
                 self.live -= 1
                 finished.append(i)
             if len(sequence.chars) == 1:
                 self.histograms["time_to_first_char_seconds"].observe(now - request.submitted)
         return chars, finished
+
+    def _sample_in_loop(self) -> tuple[int, list[int]]:
+        """The lone row's window in one call of the sampling loop, up to its length (only the length
+        can end plain sampling). Returns the steps taken and the rows that ended."""
+        request = self.rows[0]
+        sequence = request.sequence
+        steps = min(self.window, sequence.params.length - len(sequence.chars))
+        chars = self.loop.draw(self.stepper, *loop_inputs(sequence.params, self.window_noise[:steps]))
+        check_finite(self.stepper.logits)
+        now = time.monotonic()
+        first = not sequence.chars
+        sequence.accept_many(chars[:, 0])
+        if first:
+            self.histograms["time_to_first_char_seconds"].observe(now - request.submitted)
+        if not sequence.finished:
+            return steps, []
+        sequence.noise.put_back(self.window - steps)
+        self._finished(request, now)
+        self.live -= 1
+        return steps, [0]
 
     def _sample(self) -> np.ndarray:
         """Next characters of all rows, each with its own settings and its own seed's noise."""
