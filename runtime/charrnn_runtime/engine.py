@@ -16,10 +16,11 @@ batch is paid once a window, not every step, at the cost of a finished row's pla
 until the window ends (a new request waits at most WINDOW steps for it). A lone row of plain
 sampling runs LOOP_WINDOW steps in one call of the bundle's sampling loop, as `model.generate` does.
 With `background=True` (the default) two threads run the stages; `background=False` leaves them
-to the caller's `step()`, as onnxruntime-genai's Engine does. Each row samples with its own settings and noise and model.generate feeds prompts through the same
-prefill graph, so a request's text is `model.generate`'s with the same settings whatever shares
-the batch, for every variant whose rows do not interact (fp32; bundles' int8 before the
-fixed-scale quantization shared a scale across the batch).
+to the caller's `step()`, as onnxruntime-genai's Engine does. Each row samples with its own
+settings and noise and model.generate feeds prompts through the same prefill graph, so a request's
+text is `model.generate`'s with the same settings whatever shares the batch, for every variant
+whose rows do not interact (fp32; bundles' int8 before the fixed-scale quantization shared a scale
+across the batch).
 
 Streaming readers are woken at most every `flush_seconds` with everything their row produced
 since, so many clients cost tens of wake-ups per second each, not one per character; with many
