@@ -268,3 +268,21 @@ def test_installs_name_this_distribution():
 if __name__ == "__main__":
     CLI_REFERENCE.parent.mkdir(exist_ok=True)
     CLI_REFERENCE.write_text(cli_reference(), encoding="utf-8")
+
+
+def test_the_round_2_curves_and_figures_come_from_committed_records(tmp_path):
+    """The command under the round-2 plot runs from a checkout and prints the figures the README
+    quotes (the records are in git: runs/ is not)."""
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "curves.png"
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curves.py"),
+                            str(ROOT / "models" / "shakespeare-gru2x512" / "training"),
+                            str(ROOT / "benchmarks" / "round2" / "shakespeare-gru2x512-awd"), "--out", str(plot)],
+                           capture_output=True, text=True, check=True).stdout
+    assert plot.stat().st_size > 10_000
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "1.4515" in rows["21"] and "1.4484" in rows["28"]
+    quality = json.loads((ROOT / "benchmarks" / "round2" / "shakespeare-gru2x512-awd" / "quality.json").read_text())
+    quoted = set(re.findall(r"\d\.\d{4}", README.read_text(encoding="utf-8")))
+    for result in quality["results"]:
+        assert {f"{result['windowed_loss']:.4f}", f"{result['full_context_loss']:.4f}"} <= quoted
