@@ -2,10 +2,13 @@
 leaves inference (and export) plain, and resumes exactly."""
 
 import json
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +241,22 @@ def test_a_run_killed_with_every_regulariser_resumes_exactly(tmp_path, tiny_corp
         np.testing.assert_allclose([r[key] for r in history], [r[key] for r in whole.history], rtol=1e-4)
     for a, b in zip(*(keras.models.load_model(r.model_file).get_weights() for r in (killed, whole)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_each_ablation_in_the_makefile_changes_one_setting_of_the_recipe():
+    """`make ablation-<name>` passes the round-2 recipe and then its override: click keeps an option's
+    last value, so each ablation differs from the recipe in exactly the setting it names."""
+    from charrnn_train.cli import main
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    recipe = shlex.split(re.search(r"^GRU2X512_AWD = (.*)$", makefile, re.M).group(1))
+    ablations = dict(re.findall(r"^ABLATION_([\w-]+) = (.*)$", makefile, re.M))
+    assert {"no-weight-drop", "no-locked-dropout", "no-weight-decay", "no-average", "seed-2"} <= set(ablations)
+
+    def settings(args):
+        return main.make_context("charrnn-train", [*args, "--out", "x"]).params
+
+    base = settings(recipe)
+    for name, override in ablations.items():
+        changed = {k for k, v in settings(recipe + shlex.split(override)).items() if base[k] != v}
+        assert len(changed) == 1, (name, changed)
