@@ -369,9 +369,10 @@ class Engine:
         rows (under the lock); evict_all: also take every ready request off the queue (all are cancelled)."""
         now = time.monotonic()
         unused = self.window - self.window_step if self.window_noise is not None else 0
-        for request in self.rows:  # the rows still generating give back the noise of the window they did not use
-            if unused and not request.sequence.finished:
-                request.sequence.noise.put_back(unused)
+        if unused:  # the rows still generating give back the noise of the window they did not use
+            for request in self.rows:
+                if not request.sequence.finished:
+                    request.sequence.noise.put_back(unused)
         self._expire(self.ready, now)
         self._expire(self.rows, now)
         leaving = [r for r in self.rows if r.sequence.finished or r.cancelled]

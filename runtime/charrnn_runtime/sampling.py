@@ -94,12 +94,8 @@ class GumbelNoise:
         self.cursor = 0
 
     def next(self):
-        """The next step's noise [n, vocab]: an index into the block (the engine calls it per row and step)."""
-        if self.cursor == len(self.block):
-            self._draw(1)
-        self.cursor += 1
-        self.drawn += 1
-        return self.block[self.cursor - 1]
+        """The next step's noise [n, vocab]."""
+        return self.take(1)[0]
 
     def take(self, steps):
         """Noise of the next `steps` steps: [steps, n, vocab]."""
