@@ -5,15 +5,19 @@
 Starts `charrnn-serve` (a subprocess, --max-batch = the most clients), then for each client count
 runs that many concurrent clients, each sending completions one after another, streaming and not,
 until --requests-per-client each or --seconds per level (bounded). Reports aggregate characters/s,
-time to first character (for a non-streaming request: until its whole response), errors, and the
+time to first character (for a non-streaming request: until its whole response), errors, the cores
+used by the server (all of it, and its event loop: the HTTP side) and by this client, the
 ratio to the in-process figure at the same batch size: `model.generate` for one client,
 `model.generate_batch(num_samples=clients)` otherwise, measured in this process just before each level
-(while the server idles).
+(while the server idles), and the ceiling of that ratio on this machine: the in-process figure again
+while other processes keep busy as many cores as the server's event loop and the client used.
 """
 
 import argparse
 import asyncio
 import json
+import math
+import multiprocessing
 import os
 import platform
 import re
@@ -44,6 +48,31 @@ def in_process(model, clients, chars):
         return clients * chars / (time.perf_counter() - started)
     once()
     return statistics.median(once() for _ in range(3))
+
+
+def busy(share, stop, period=0.004):
+    """Keep `share` of a core busy, in bursts, until `stop` is set."""
+    while not stop.is_set():
+        started = time.perf_counter()
+        while time.perf_counter() - started < share * period:
+            pass
+        time.sleep((1 - share) * period)
+
+
+def in_process_beside(model, clients, chars, cores):
+    """in_process() while other processes keep `cores` of the CPU busy: what the batch could do in the
+    CPU that the server's HTTP side and the client leave it, with no GIL and no lost overlap (a ceiling)."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    burners = [context.Process(target=busy, args=(min(1.0, cores - i), stop)) for i in range(math.ceil(cores))]
+    for burner in burners:
+        burner.start()
+    try:
+        return in_process(model, clients, chars)
+    finally:
+        stop.set()
+        for burner in burners:
+            burner.join()
 
 
 async def load(url, clients, stream, chars, requests_per_client, seconds):
@@ -96,6 +125,14 @@ def steps(url):
     return float(samples["charrnn_batch_rows_count"]), float(samples["charrnn_batch_rows_sum"])
 
 
+def cpu_seconds(pid):
+    """(the process's CPU seconds, its main thread's: the event loop's) from /proc."""
+    def seconds(stat_path):
+        fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return seconds(f"/proc/{pid}/stat"), seconds(f"/proc/{pid}/task/{pid}/stat")
+
+
 def percentile(values, q):
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
@@ -137,15 +174,19 @@ def main():
         for clients in levels:
             baseline = in_process(model, clients, args.chars)  # just before: this machine's load drifts
             for stream in (False, True):
-                before = steps(url)
+                before, cpu_before, started = steps(url), cpu_seconds(server.pid), time.perf_counter()
                 rate, ttfc, errors, client_cores = asyncio.run(load(url, clients, stream, args.chars,
                                                       max(args.requests_per_client, 20 // clients), args.seconds))
-                after = steps(url)
+                after, cpu_after, wall = steps(url), cpu_seconds(server.pid), time.perf_counter() - started
+                server_cores, loop_cores = ((b - a) / wall for a, b in zip(cpu_before, cpu_after))
+                ceiling = in_process_beside(model, clients, args.chars, loop_cores + client_cores)
                 rows.append({"clients": clients, "stream": stream, "chars_per_second": rate,
                              "mean_batch": (after[1] - before[1]) / max(1.0, after[0] - before[0]),
                              "in_process_chars_per_second": baseline, "ratio": rate / baseline,
+                             "ceiling_ratio": ceiling / baseline,
                              "ttfc_p50_ms": percentile(ttfc, 0.5), "ttfc_p99_ms": percentile(ttfc, 0.99),
-                             "requests": len(ttfc), "errors": errors, "client_cores": client_cores})
+                             "requests": len(ttfc), "errors": errors, "client_cores": client_cores,
+                             "server_cores": server_cores, "event_loop_cores": loop_cores})
                 print(f"{clients} clients, streaming {stream}: {rate:,.0f} chars/s ({rate / baseline:.0%}), "
                       f"{errors} errors", file=sys.stderr)
     finally:
@@ -159,14 +200,14 @@ def main():
 
 
 def print_table(rows):
-    print("| clients | streaming | chars/s | in-process chars/s | ratio | mean batch | TTFC p50 ms | TTFC p99 ms "
-          "| requests | errors | client CPU |")
-    print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| clients | streaming | chars/s | in-process chars/s | ratio | ceiling | mean batch | TTFC p50 ms | TTFC p99 ms "
+          "| requests | errors | server CPU | event loop CPU | client CPU |")
+    print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['clients']} | {'yes' if r['stream'] else 'no'} | {r['chars_per_second']:,.0f} | "
-              f"{r['in_process_chars_per_second']:,.0f} | {r['ratio']:.0%} | {r['mean_batch']:.1f} | "
+              f"{r['in_process_chars_per_second']:,.0f} | {r['ratio']:.0%} | {r['ceiling_ratio']:.0%} | {r['mean_batch']:.1f} | "
               f"{r['ttfc_p50_ms']:.1f} | {r['ttfc_p99_ms']:.1f} | {r['requests']} | {r['errors']} | "
-              f"{r['client_cores']:.0%} |")
+              f"{r['server_cores']:.0%} | {r['event_loop_cores']:.0%} | {r['client_cores']:.0%} |")
 
 
 if __name__ == "__main__":
