@@ -92,13 +92,16 @@ async def load(url, clients, stream, chars, requests_per_client, seconds):
             try:
                 async with http.post(f"{url}/v1/completions", json=body) as response:
                     response.raise_for_status()
-                    if stream:
-                        async for line in response.content:
-                            if line.startswith(b"data: {"):
-                                piece = json.loads(line[6:])["choices"][0]["text"]
-                                if piece and first is None:
-                                    first = time.perf_counter() - started
-                                text += len(piece)
+                    if stream:  # the events split from the bytes as they come: cheaper than a line reader
+                        pending = b""
+                        async for data in response.content.iter_any():
+                            *events, pending = (pending + data).split(b"\n\n")
+                            for event in events:
+                                if event.startswith(b"data: {"):
+                                    piece = json.loads(event[6:])["choices"][0]["text"]
+                                    if piece and first is None:
+                                        first = time.perf_counter() - started
+                                    text += len(piece)
                     else:
                         text = len((await response.json())["choices"][0]["text"])
                         first = time.perf_counter() - started

@@ -127,7 +127,7 @@ def test_rows_that_end_anywhere_in_a_window_continue_exactly(model):
     """Rows end mid-window (length, stop string, cancelled) while others join: each one's continuation
     (state and noise position) goes on as one longer solo run."""
     engine = Engine(model, max_batch=4, background=False)
-    settings = [dict(length=WINDOW + 3), dict(length=2 * WINDOW, stop="e"), dict(length=5),
+    settings = [dict(length=WINDOW + 3), dict(length=2 * WINDOW, stop="e"), dict(length=WINDOW - 3),
                 dict(length=3 * WINDOW + 1, stop=" "), dict(length=40)]
     requests = [engine.submit("", seed=i, temperature=0.9, **options) for i, options in enumerate(settings)]
     for _ in range(WINDOW + 3):  # the last one takes the row of the third at the first window's end

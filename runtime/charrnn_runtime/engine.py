@@ -91,9 +91,9 @@ class Job(NamedTuple):
     start: State | None  # a continued stream's state, else the initial state
 
 
-STREAM_WAKE_SECONDS = 0.00025  # a streaming row's share of the wake interval: 256 streams → every 64 ms
+STREAM_WAKE_SECONDS = 0.0005  # a streaming row's share of the wake interval: 256 streams → every 128 ms
 LOOP_WINDOW = 64  # the window of a lone row of plain sampling: one call of the bundle's sampling loop
-WINDOW = 8  # steps between admissions and evictions while rows generate: the per-row work of
+WINDOW = 4  # steps between admissions and evictions while rows generate: the per-row work of
 # regrouping the batch and drawing its noise is done once a window, not every step
 
 
