@@ -2,15 +2,15 @@
 
     python benchmarks/ablations.py benchmarks/round2/shakespeare-gru2x512-awd benchmarks/round2/*-no-*
 
-The first run is the recipe; every other run is named by what its config changes from it. Figures
-per run: validation loss at its last epoch with the weights it exports (the EMA, where it averages)
-and with its trained weights not averaged (`trained_val_loss` in history.json, or
-checkpoint_loss.json from `benchmarks/checkpoint_loss.py` for runs made before history recorded it);
-the change against the recipe at the same epoch (same budget: a run still training is compared
-with the recipe where it stands); quality.py's held-out losses once the run is exported and scored
-(`make ablation-<name>` writes quality.json); and its training minutes. The weights not averaged are
-exactly those of the same run without averaging (the average only watches the training), so that
-ablation needs no run of its own.
+The first run is the recipe; every other run is named by what its config changes from it (same
+schedule and budget). Figures per run: the validation loss of what it exports (its best epoch; the
+EMA weights, where it averages); the best validation loss of its trained weights not averaged
+(`trained_val_loss` in history.json, or checkpoint_loss.json from `benchmarks/checkpoint_loss.py` for
+runs made before history recorded it), which is what the same run without averaging would have
+exported, since the average only watches the training (so that ablation needs no run of its own);
+the change against what the recipe exports (a run still training: against the recipe at the same
+epoch); quality.py's held-out losses once the run is exported and scored (`make ablation-<name>`
+writes quality.json); and its training minutes.
 """
 
 import argparse
@@ -35,12 +35,18 @@ def changes(config, recipe):
         or "none (another run)"
 
 
+def best(history):
+    """The epoch a run exports (its best validation loss, as training keeps it)."""
+    return min(history, key=lambda record: record["val_loss"])
+
+
 def not_averaged(run):
-    last = run["history"][-1]
-    if "trained_val_loss" in last:
-        return last["trained_val_loss"]
+    """(loss, epoch) of the run's best trained weights not averaged: what a run without averaging exports."""
+    recorded = [(r["trained_val_loss"], r["epoch"]) for r in run["history"] if "trained_val_loss" in r]
     checkpoint = run.get("checkpoint_loss")
-    return checkpoint["trained_val_loss"] if checkpoint and checkpoint["epoch"] == last["epoch"] else None
+    if checkpoint:
+        recorded.append((checkpoint["trained_val_loss"], checkpoint["epoch"]))
+    return min(recorded, default=None)
 
 
 def held_out(run):
@@ -50,22 +56,35 @@ def held_out(run):
                  if Path(r["bundle"]).parent.name == run["name"]), None)
 
 
+def progress(run):
+    done, planned = len(run["history"]), run["config"]["epochs"]
+    if done == planned:
+        return f"{done}"
+    return f"{done} of {planned}, " + ("stopped early" if "quality" in run else "training")
+
+
 def table(runs):
     recipe = runs[0]
-    lines = ["| run | changed from the recipe | epochs | val loss | vs the recipe | val loss, not averaged "
+    lines = ["| run | changed from the recipe | epochs | val loss (epoch) | vs the recipe | not averaged (epoch) "
              "| held-out, windows of 256 | full context | training min |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
-        history, planned = run["history"], run["config"]["epochs"]
-        epoch, val = history[-1]["epoch"], history[-1]["val_loss"]
-        same_epoch = next((r["val_loss"] for r in recipe["history"] if r["epoch"] == epoch), None)
-        delta = "" if run is recipe or same_epoch is None else f"{val - same_epoch:+.4f}"
+        record = best(run["history"])
+        if run is recipe:
+            delta = ""
+        elif "quality" in run:  # finished: what it exports against what the recipe exports
+            delta = f"{record['val_loss'] - best(recipe['history'])['val_loss']:+.4f}"
+        else:  # still training: against the recipe at the same epoch
+            last = run["history"][-1]
+            at = next(r for r in recipe["history"] if r["epoch"] == last["epoch"])
+            delta = f"{last['val_loss'] - at['val_loss']:+.4f} at epoch {last['epoch']}"
         raw, scored = not_averaged(run), held_out(run)
         lines.append(" | ".join([
             f"| {run['name']}", "the recipe" if run is recipe else changes(run["config"], recipe["config"]),
-            f"{epoch}/{planned}", f"{val:.4f}", delta, "" if raw is None else f"{raw:.4f}",
+            progress(run), f"{record['val_loss']:.4f} ({record['epoch']})", delta,
+            "" if raw is None else f"{raw[0]:.4f} ({raw[1]})",
             *(("", "") if scored is None else (f"{scored[0]:.4f}", f"{scored[1]:.4f}")),
-            f"{sum(r['seconds'] for r in history) / 60:.0f} |"]))
+            f"{sum(r['seconds'] for r in run['history']) / 60:.0f} |"]))
     return "\n".join(lines)
 
 

@@ -57,7 +57,7 @@ def plot(runs, out):
         trained = [(r["epoch"], r["trained_val_loss"]) for r in history if "trained_val_loss" in r]
         if trained:
             ax.plot(*zip(*trained), color=color, linestyle="--", label=f"{name}: validation, not averaged")
-    ax.set_ylim(1.2, 1.7)
+    ax.set_ylim(1.1, 1.7)
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy (nats/char)")
     ax.grid(alpha=0.3)

@@ -275,14 +275,15 @@ def test_the_round_2_curves_and_figures_come_from_committed_records(tmp_path):
     quotes (the records are in git: runs/ is not)."""
     pytest.importorskip("matplotlib")
     plot = tmp_path / "curves.png"
+    round2 = ROOT / "benchmarks" / "round2"
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curves.py"),
                             str(ROOT / "models" / "shakespeare-gru2x512" / "training"),
-                            str(ROOT / "benchmarks" / "round2" / "shakespeare-gru2x512-awd"), "--out", str(plot)],
-                           capture_output=True, text=True, check=True).stdout
+                            str(round2 / "shakespeare-gru2x512-awd"), str(round2 / "shakespeare-gru2x512-awd-no-weight-drop"),
+                            "--out", str(plot)], capture_output=True, text=True, check=True).stdout
     assert plot.stat().st_size > 10_000
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
-    assert "1.4515" in rows["21"] and "1.4484" in rows["28"]
-    quality = json.loads((ROOT / "benchmarks" / "round2" / "shakespeare-gru2x512-awd" / "quality.json").read_text())
+    assert "1.4515" in rows["21"] and "1.4484" in rows["28"] and "1.4598" in rows["17"]
     quoted = set(re.findall(r"\d\.\d{4}", README.read_text(encoding="utf-8")))
-    for result in quality["results"]:
-        assert {f"{result['windowed_loss']:.4f}", f"{result['full_context_loss']:.4f}"} <= quoted
+    for record in round2.glob("*/quality.json"):
+        for result in json.loads(record.read_text())["results"]:
+            assert {f"{result['windowed_loss']:.4f}", f"{result['full_context_loss']:.4f}"} <= quoted, record
