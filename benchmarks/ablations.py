@@ -14,30 +14,30 @@ writes quality.json); and its training minutes.
 """
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
+
+from charrnn_train.config import Run
 
 IGNORED = {"corpus", "epochs"}  # where the corpus lay on the machine that trained; the schedule's length
 
 
 def load(path):
-    path = Path(path)
-    record = {"name": path.name, "config": json.loads((path / "config.json").read_text())["config"],
-              "history": json.loads((path / "history.json").read_text())}
+    """The run's records (charrnn_train's Run: config, history, when it stopped) as a dict, with
+    quality.json and checkpoint_loss.json where present."""
+    run = Run.open(path)
+    record = {"name": run.path.name, "config": dataclasses.asdict(run.config), "history": run.history,
+              "best": run.history[run.best_epoch - 1], "finished": run.finished, "stopped_early": run.stopped_early}
     for extra in ("quality", "checkpoint_loss"):
-        if (path / f"{extra}.json").exists():
-            record[extra] = json.loads((path / f"{extra}.json").read_text())
+        if (run.path / f"{extra}.json").exists():
+            record[extra] = json.loads((run.path / f"{extra}.json").read_text())
     return record
 
 
 def changes(config, recipe):
     return ", ".join(f"{key} {config[key]}" for key in config if key not in IGNORED and config[key] != recipe.get(key)) \
         or "none (another run)"
-
-
-def best(history):
-    """The epoch a run exports (its best validation loss, as training keeps it)."""
-    return min(history, key=lambda record: record["val_loss"])
 
 
 def not_averaged(run):
@@ -60,7 +60,7 @@ def progress(run):
     done, planned = len(run["history"]), run["config"]["epochs"]
     if done == planned:
         return f"{done}"
-    return f"{done} of {planned}, " + ("stopped early" if "quality" in run else "training")
+    return f"{done} of {planned}, " + ("stopped early" if run["stopped_early"] else "training")
 
 
 def table(runs):
@@ -69,11 +69,11 @@ def table(runs):
              "| held-out, windows of 256 | full context | training min |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
-        record = best(run["history"])
+        record = run["best"]
         if run is recipe:
             delta = ""
-        elif "quality" in run:  # finished: what it exports against what the recipe exports
-            delta = f"{record['val_loss'] - best(recipe['history'])['val_loss']:+.4f}"
+        elif run["finished"]:  # what it exports against what the recipe exports
+            delta = f"{record['val_loss'] - recipe['best']['val_loss']:+.4f}"
         else:  # still training: against the recipe at the same epoch
             last = run["history"][-1]
             at = next(r for r in recipe["history"] if r["epoch"] == last["epoch"])
