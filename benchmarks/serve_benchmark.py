@@ -1,16 +1,20 @@
 """Load on charrnn-serve over loopback against the in-process runtime, in one run on one machine.
 
-    python benchmarks/serve_benchmark.py [--variant int8] [--clients 1,16,64,256] [--json benchmarks/serve_results.json]
+    python benchmarks/serve_benchmark.py [--variant int8] [--clients 1,16,64,256] [--burst] [--json ...]
 
 Starts `charrnn-serve` (a subprocess, --max-batch = the most clients), then for each client count
-runs that many concurrent clients, each sending completions one after another, streaming and not,
-until --requests-per-client each or --seconds per level (bounded). Reports aggregate characters/s,
-time to first character (for a non-streaming request: until its whole response), errors, the cores
-used by the server (all of it, and its event loop: the HTTP side) and by this client, the
-ratio to the in-process figure at the same batch size: `model.generate` for one client,
-`model.generate_batch(num_samples=clients)` otherwise, measured in this process just before each level
-(while the server idles), and the ceiling of that ratio on this machine: the in-process figure again
-while other processes keep busy as many cores as the server's event loop and the client used.
+runs that many concurrent clients, each sending completions one after another, streaming and not.
+Clients start spread over one request's time, as independent users arrive (--burst: all at once),
+and the figures are those of the steady state: a window of --seconds that opens once every client
+has started and a request's time has passed, read from the server's /metrics and /proc. Reports
+aggregate characters/s, rows per step, time to first character (for a non-streaming request: until
+its whole response), errors, the cores used by the server (all of it, and its event loop: the HTTP
+side) and by this client, the ratio to the in-process figure at the same batch size (`model.generate`
+for one client, `model.generate_batch(num_samples=clients)` otherwise, measured in this process
+before and after each level while the server idles: their mean), the same ratio for the runtime's
+Engine alone (the server's batch loop without HTTP: what the engine itself costs), and the ceiling
+of the ratio on this machine: the in-process figure again while other processes keep busy as many
+cores as the server's event loop and the client used.
 """
 
 import argparse
@@ -32,6 +36,7 @@ import aiohttp
 import httpx
 
 import charrnn_runtime
+from charrnn_runtime.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIMES = ["ROMEO: ", "JULIET:\n", "First Citizen:\n", "KING RICHARD III:\nNow is the ", ""]
@@ -48,6 +53,18 @@ def in_process(model, clients, chars):
         return clients * chars / (time.perf_counter() - started)
     once()
     return statistics.median(once() for _ in range(3))
+
+
+def in_engine(model, clients, chars, rounds=3):
+    """Characters/s of the runtime's Engine (the server's batch loop, no HTTP) with `clients` rows, fed
+    rounds × clients requests at once so that a freed row takes the next at once."""
+    with Engine(model, max_batch=clients, max_waiting=rounds * clients) as engine:
+        engine.submit(PRIMES[0], chars).result()  # warm-up
+        started = time.perf_counter()
+        requests = [engine.submit(PRIMES[i % len(PRIMES)], chars, seed=i) for i in range(rounds * clients)]
+        for request in requests:
+            request.result()
+        return rounds * clients * chars / (time.perf_counter() - started)
 
 
 def busy(share, stop, period=0.004):
@@ -75,19 +92,53 @@ def in_process_beside(model, clients, chars, cores):
             burner.join()
 
 
-async def load(url, clients, stream, chars, requests_per_client, seconds):
-    """Aggregate chars/s, time-to-first-character list, error count and the cores this client used.
+class Window:
+    """The steady state of one level: from when every client has started (plus one request's time to
+    settle) until the deadline, the server's counters (/metrics), its CPU (/proc) and this client's CPU."""
 
+    def __init__(self, url, pid):
+        self.url, self.pid, self.start = url, pid, None
+
+    async def sample(self, http):
+        async with http.get(f"{self.url}/metrics") as response:
+            samples = dict(line.rsplit(" ", 1) for line in (await response.text()).splitlines()
+                           if not line.startswith("#"))
+        return {"time": time.perf_counter(), "client_cpu": time.process_time(), "server_cpu": cpu_seconds(self.pid),
+                **{name: float(samples[name]) for name in (
+                    "charrnn_generated_chars_total", "charrnn_batch_rows_count", "charrnn_batch_rows_sum")}}
+
+    def figures(self, end):
+        """chars/s, mean batch and the cores used (server, its event loop, this client) in the window."""
+        start, wall = self.start, end["time"] - self.start["time"]
+        steps = end["charrnn_batch_rows_count"] - start["charrnn_batch_rows_count"]
+        server, loop = ((b - a) / wall for a, b in zip(start["server_cpu"], end["server_cpu"]))
+        return {"chars_per_second": (end["charrnn_generated_chars_total"] - start["charrnn_generated_chars_total"]) / wall,
+                "mean_batch": (end["charrnn_batch_rows_sum"] - start["charrnn_batch_rows_sum"]) / max(1.0, steps),
+                "server_cores": server, "event_loop_cores": loop,
+                "client_cores": (end["client_cpu"] - start["client_cpu"]) / wall, "window_seconds": wall}
+
+
+async def load(url, pid, clients, stream, chars, seconds, request_seconds, burst=False):
+    """`clients` clients, each sending completions one after another; the window's figures (Window),
+    the time to first character of the requests sent in the window, and the errors.
+
+    Clients start spread over one request's time (`request_seconds`), as independent users arrive,
+    unless `burst`: then all at once, and their requests stay in step (each round of 256 arrives
+    together). The window opens one request's time after the last start and lasts `seconds`; then no
+    client sends another request, and those in flight finish outside it.
     aiohttp, not httpx: httpx's connection pool alone added seconds to the p99 at 64 clients here."""
-    deadline = time.perf_counter() + seconds
-    ttfc, generated, errors = [], [0], [0]
+    window, ttfc, errors = Window(url, pid), [], [0]
+    ramp = 0.0 if burst else request_seconds
+    opens = time.perf_counter() + ramp + request_seconds
+    closes = opens + seconds
 
     async def client(http, c):
-        for i in range(requests_per_client):
-            if time.perf_counter() > deadline:
-                return
+        await asyncio.sleep(ramp * c / clients)
+        i = 0
+        while time.perf_counter() < closes:
             body = {"prompt": PRIMES[(c + i) % len(PRIMES)], "max_tokens": chars, "seed": c * 1000 + i,
                     "stream": stream}
+            i += 1
             started, first, text = time.perf_counter(), None, 0
             try:
                 async with http.post(f"{url}/v1/completions", json=body) as response:
@@ -107,25 +158,22 @@ async def load(url, clients, stream, chars, requests_per_client, seconds):
                         first = time.perf_counter() - started
                 if text != chars:
                     raise ValueError(f"{text} chars, asked for {chars}")
-                ttfc.append(first)
-                generated[0] += text
+                if opens <= started < closes:
+                    ttfc.append(first)
             except (aiohttp.ClientError, ValueError) as e:
                 errors[0] += 1
                 print(f"  error: {e!r}", file=sys.stderr)
 
+    async def measure(http):
+        await asyncio.sleep(opens - time.perf_counter())
+        window.start = await window.sample(http)
+        await asyncio.sleep(closes - time.perf_counter())
+        return window.figures(await window.sample(http))
+
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), timeout=timeout) as http:
-        started, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(client(http, c) for c in range(clients)))
-        wall = time.perf_counter() - started
-    return generated[0] / wall, ttfc, errors[0], (time.process_time() - cpu) / wall
-
-
-def steps(url):
-    """(steps, rows stepped) so far, from the server's /metrics."""
-    samples = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
-                   if not line.startswith("#"))
-    return float(samples["charrnn_batch_rows_count"]), float(samples["charrnn_batch_rows_sum"])
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients + 1), timeout=timeout) as http:
+        figures, *_ = await asyncio.gather(measure(http), *(client(http, c) for c in range(clients)))
+    return figures, ttfc, errors[0]
 
 
 def cpu_seconds(pid):
@@ -162,8 +210,9 @@ def main():
     parser.add_argument("--no-spin", dest="spin", action="store_false",
                         help="the server's idle onnxruntime threads sleep (charrnn-serve --no-spin)")
     parser.add_argument("--chars", type=int, default=256, help="max_tokens of every request")
-    parser.add_argument("--requests-per-client", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=30, help="per level: no new requests after this")
+    parser.add_argument("--seconds", type=float, default=20, help="the measured window of each level")
+    parser.add_argument("--burst", action="store_true",
+                        help="all clients start at once (their requests stay in step), not spread over a request's time")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "serve_results.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -173,42 +222,48 @@ def main():
     server, url = start_server(args.variant, max(levels), args.spin, log)
     rows = []
     try:
-        asyncio.run(load(url, 4, True, args.chars, 2, args.seconds))  # warm-up: first steps, connections
+        asyncio.run(load(url, server.pid, 4, True, args.chars, 1, 0.1))  # warm-up: first steps, connections
         for clients in levels:
-            baseline = in_process(model, clients, args.chars)  # just before: this machine's load drifts
+            before = in_process(model, clients, args.chars)  # around the level: this machine's speed drifts
+            engine = in_engine(model, clients, args.chars)
+            request_seconds = args.chars * clients / before
+            level = []
             for stream in (False, True):
-                before, cpu_before, started = steps(url), cpu_seconds(server.pid), time.perf_counter()
-                rate, ttfc, errors, client_cores = asyncio.run(load(url, clients, stream, args.chars,
-                                                      max(args.requests_per_client, 20 // clients), args.seconds))
-                after, cpu_after, wall = steps(url), cpu_seconds(server.pid), time.perf_counter() - started
-                server_cores, loop_cores = ((b - a) / wall for a, b in zip(cpu_before, cpu_after))
-                ceiling = in_process_beside(model, clients, args.chars, loop_cores + client_cores)
-                rows.append({"clients": clients, "stream": stream, "chars_per_second": rate,
-                             "mean_batch": (after[1] - before[1]) / max(1.0, after[0] - before[0]),
-                             "in_process_chars_per_second": baseline, "ratio": rate / baseline,
-                             "ceiling_ratio": ceiling / baseline,
-                             "ttfc_p50_ms": percentile(ttfc, 0.5), "ttfc_p99_ms": percentile(ttfc, 0.99),
-                             "requests": len(ttfc), "errors": errors, "client_cores": client_cores,
-                             "server_cores": server_cores, "event_loop_cores": loop_cores})
-                print(f"{clients} clients, streaming {stream}: {rate:,.0f} chars/s ({rate / baseline:.0%}), "
-                      f"{errors} errors", file=sys.stderr)
+                figures, ttfc, errors = asyncio.run(load(url, server.pid, clients, stream, args.chars, args.seconds,
+                                                         request_seconds, args.burst))
+                busy_cores = figures["event_loop_cores"] + figures["client_cores"]
+                level.append({"clients": clients, "stream": stream, **figures, "busy_cores": busy_cores,
+                              "ttfc_p50_ms": percentile(ttfc, 0.5), "ttfc_p99_ms": percentile(ttfc, 0.99),
+                              "requests": len(ttfc), "errors": errors})
+            after = in_process(model, clients, args.chars)
+            for row in level:
+                baseline = (before + after) / 2
+                ceiling = in_process_beside(model, clients, args.chars, row.pop("busy_cores"))
+                row.update(in_process_chars_per_second=baseline, in_process_before_after=[before, after],
+                           engine_chars_per_second=engine, engine_ratio=engine / baseline,
+                           ratio=row["chars_per_second"] / baseline, ceiling_ratio=ceiling / baseline)
+                print(f"{clients} clients, streaming {row['stream']}: {row['chars_per_second']:,.0f} chars/s "
+                      f"({row['ratio']:.0%}), {row['errors']} errors", file=sys.stderr)
+            rows += level
     finally:
         server.terminate()
         server.wait(timeout=60)
         print(f"server log: {log.name}", file=sys.stderr)
     print_table(rows)
     with open(args.json, "w") as f:
-        json.dump({"variant": args.variant, "spin": args.spin, "chars_per_request": args.chars, "machine": platform.platform(),
-                   "cpus": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows}, f, indent=2)
+        json.dump({"variant": args.variant, "spin": args.spin, "burst": args.burst, "chars_per_request": args.chars,
+                   "window_seconds": args.seconds, "machine": platform.platform(), "cpus": os.cpu_count(),
+                   "load_average": os.getloadavg(), "rows": rows}, f, indent=2)
 
 
 def print_table(rows):
-    print("| clients | streaming | chars/s | in-process chars/s | ratio | ceiling | mean batch | TTFC p50 ms | TTFC p99 ms "
-          "| requests | errors | server CPU | event loop CPU | client CPU |")
-    print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| clients | streaming | chars/s | in-process chars/s | ratio | engine alone | ceiling | mean batch "
+          "| TTFC p50 ms | TTFC p99 ms | requests | errors | server CPU | event loop CPU | client CPU |")
+    print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['clients']} | {'yes' if r['stream'] else 'no'} | {r['chars_per_second']:,.0f} | "
-              f"{r['in_process_chars_per_second']:,.0f} | {r['ratio']:.0%} | {r['ceiling_ratio']:.0%} | {r['mean_batch']:.1f} | "
+              f"{r['in_process_chars_per_second']:,.0f} | {r['ratio']:.0%} | {r['engine_ratio']:.0%} | "
+              f"{r['ceiling_ratio']:.0%} | {r['mean_batch']:.1f} | "
               f"{r['ttfc_p50_ms']:.1f} | {r['ttfc_p99_ms']:.1f} | {r['requests']} | {r['errors']} | "
               f"{r['server_cores']:.0%} | {r['event_loop_cores']:.0%} | {r['client_cores']:.0%} |")
 

@@ -99,6 +99,26 @@ def test_streaming_sends_chunks_not_characters(model):
     assert len(chunks) < 100
 
 
+def test_a_streams_first_text_comes_at_once_whatever_its_interval(model, monkeypatch):
+    """Many streams space their wake-ups out (here every 30 s), but not a stream's first text: a
+    reader that waits from its admission (as the server does) gets it after the first step."""
+    sample = Engine._sample_and_accept
+    monkeypatch.setattr(Engine, "_sample_and_accept", lambda self: (time.sleep(0.05), sample(self))[1])  # slow steps
+    with Engine(model, flush_seconds=30, max_length=10**6) as engine:
+        async def first_chunk(seed):
+            request = engine.stream("", 10**6, seed=seed, stop=["never"])  # one step at a time; ended by the reader
+            await request.admitted()
+            admitted = time.monotonic()
+            async for chunk in request:
+                return chunk, time.monotonic() - admitted
+
+        async def two_streams():
+            return await asyncio.gather(first_chunk(1), first_chunk(2))
+        firsts = asyncio.run(two_streams())
+    for seed, (chunk, waited) in zip((1, 2), firsts):
+        assert chunk and waited < 5 and model.generate("", len(chunk), seed=seed) == chunk
+
+
 def test_a_stream_is_refused_before_it_is_read(engine):
     async def submit_only():
         with pytest.raises(CharrnnError, match="top-k"):

@@ -91,7 +91,7 @@ class Job(NamedTuple):
     start: State | None  # a continued stream's state, else the initial state
 
 
-STREAM_WAKE_SECONDS = 0.0005  # a streaming row's share of the wake interval: 256 streams → every 128 ms
+STREAM_WAKE_SECONDS = 0.001  # a streaming row's share of the wake interval: 256 streams → every 256 ms
 LOOP_WINDOW = 64  # the window of a lone row of plain sampling: one call of the bundle's sampling loop
 WINDOW = 4  # steps between admissions and evictions while rows generate: the per-row work of
 # regrouping the batch and drawing its noise is done once a window, not every step
@@ -295,8 +295,8 @@ class Engine:
         now = time.monotonic()
         rows = self.rows
         interval = max(self.flush_seconds, STREAM_WAKE_SECONDS * sum(r.streaming for r in rows))
-        self._wake([rows[i] for i in ended] + [r for r in rows if r.streaming and not r.sequence.finished
-                                               and now - r.last_wake >= interval], now)
+        self._wake([rows[i] for i in ended] + [r for r in rows if r.streaming and not r.sequence.finished and (
+            now - r.last_wake >= interval or len(r.sequence.chars) == steps)], now)  # or its first text
         return len(rows)
 
     def _prefill_next(self) -> bool:
