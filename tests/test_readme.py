@@ -47,7 +47,8 @@ VOLATILE_TEXT = [(re.compile(r"\d[\d,]*(\.\d+)? s\b"), "_ s"), (re.compile(r"\d[
 VOLATILE_KEYS = {"seconds", "chars_per_second", "created", "cached_tokens"}  # cached_tokens: what ran before
 OTHER_TOOLS_OPTIONS = {"--data-binary", "--retry", "--retry-connrefused",  # curl
                        "--dry-run", "--upgrade", "--head", "--repeats",  # pip, ray start, benchmarks/benchmark.py
-                       "--pythonpath"}  # benchmarks/prefill_benchmark.py
+                       "--pythonpath",  # benchmarks/prefill_benchmark.py
+                       "--clients", "--burst"}  # benchmarks/serve_benchmark.py
 
 
 @dataclass

@@ -100,7 +100,8 @@ def origins(ctx, param, values):
               help="Let idle onnxruntime threads spin (faster on an idle machine) or sleep (--no-spin: better "
                    "when other processes need the cores).")
 @click.option("--stream-interval", type=click.FloatRange(min=0), default=0.02, show_default=True,
-              help="Seconds between a streaming client's events: each carries what its row produced since.")
+              help="Seconds between a streaming client's events (at least 1 ms per stream being served; the "
+                   "first comes at once): each carries what its row produced since.")
 @click.option("--drain-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM, how long requests in flight may take to finish before they are cancelled.")
 @click.option("--max-waiting", type=click.IntRange(min=1), default=256, show_default=True,
