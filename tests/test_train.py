@@ -24,6 +24,34 @@ def test_default_architecture_has_the_reports_parameter_counts():
     assert model.count_params() == 4_021_569
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_training_layers_give_the_keras_layers_outputs_and_gradients(cell):
+    """Training's recurrent layers (inputs projected before the loop) against Keras' own, step by step."""
+    import numpy as np
+    import tensorflow as tf
+
+    from charrnn_train.model import build_model
+
+    fast = build_model(11, embedding_dim=6, units=9, layers=2, cell=cell)
+    keras_layers = build_model(11, embedding_dim=6, units=9, layers=2, cell=cell, regularised=False)
+    assert {type(layer).__name__ for layer in fast.layers} - {type(layer).__name__ for layer in keras_layers.layers} \
+        == {f"Projected{cell.upper()}"}
+    keras_layers.set_weights(fast.get_weights())
+    chars = np.random.default_rng(0).integers(0, 11, (3, 17)).astype("int32")
+    targets = np.roll(chars, -1, axis=1)
+    results = []
+    for model in (fast, keras_layers):
+        with tf.GradientTape() as tape:
+            logits = model(chars, training=True)
+            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True))
+        gradients = tape.gradient(loss, model.trainable_variables)
+        results.append((logits.numpy(), [tf.convert_to_tensor(g).numpy() for g in gradients]))  # the embedding's: sparse
+    (fast_logits, fast_gradients), (logits, gradients) = results
+    np.testing.assert_allclose(fast_logits, logits, atol=1e-6)
+    for fast_gradient, gradient in zip(fast_gradients, gradients, strict=True):
+        np.testing.assert_allclose(fast_gradient, gradient, atol=1e-6)
+
+
 def test_the_import_light_config_names_the_cells_the_model_builds():
     from charrnn_train import config, model
 

@@ -102,11 +102,17 @@ def test_adamw_decays_every_weight_apart_from_the_gradient_step():
 
 
 def test_defaults_build_the_plain_network_with_adam():
+    """The report's network: it trains with a GRU whose loop projects the inputs first (the same
+    weights and arithmetic), and saves plain Keras layers."""
+    import keras
+
     from charrnn_train import train
 
     config = train.Config()
     model = config.build(65)
-    assert {type(layer).__name__ for layer in model.layers} == {"Embedding", "GRU", "Dense"}
+    assert [type(layer).__name__ for layer in model.layers] == ["Embedding", "ProjectedGRU", "Dense"]
+    assert isinstance(model.layers[1], keras.layers.GRU)
+    assert [type(layer).__name__ for layer in config.build(65, regularised=False).layers] == ["Embedding", "GRU", "Dense"]
     assert (config.weight_drop, config.embedding_dropout, config.weight_decay, config.average) == (0, 0, 0, "none")
     assert not config.locked_dropout
 

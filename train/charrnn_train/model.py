@@ -9,12 +9,15 @@ dropout).
 
 AWD-LSTM's other regularisers (Merity et al., 2017) act in training only, through two layer
 types that train like their Keras parents and infer exactly like them: `EmbeddingDropout` and
-the `WeightDrop` GRU/LSTM. A run saves (and export reads) the same network built with plain
-Embedding/GRU/LSTM layers: `build_model(..., regularised=False)`, the same weights in the same order.
+the `WeightDrop` GRU/LSTM. Training's recurrent layers also project their inputs for the whole
+sequence before the time loop (`ProjectedInputs`). A run saves (and export reads) the same network
+built with plain Embedding/GRU/LSTM layers: `build_model(..., regularised=False)`, the same weights
+in the same order.
 """
 
 import keras
 from keras import ops
+from keras.src import backend as keras_backend  # Keras' time loop, rnn() (keras is pinned in pyproject)
 
 CELLS = {"gru": keras.layers.GRU, "lstm": keras.layers.LSTM}
 
@@ -40,6 +43,70 @@ class EmbeddingDropout(keras.layers.Embedding):
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate}
+
+
+class ProjectedInputs:
+    """A GRU/LSTM layer whose loop multiplies only the recurrent kernel at each step: the inputs'
+    share of every gate (x·W + b) is one matmul over the whole sequence before the loop, as cuDNN
+    does, instead of a small matmul per step as Keras' cells do. The same weights and arithmetic as
+    the Keras parent (tests/test_train.py holds outputs and gradients to it); training steps are
+    faster on CPU (benchmarks/train_speed.py). Where the parent has a fused kernel (cuDNN on a GPU)
+    or a setting this loop lacks (a mask, the cell's own dropout), the parent's loop runs."""
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        cell = self.cell
+        if mask is not None or cell.dropout or cell.recurrent_dropout or not cell.use_bias or self._parent_loop():
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        projected = ops.matmul(sequences, cell.kernel) + self._input_bias()
+        return keras_backend.rnn(self._recurrent_step(cell.recurrent_kernel), projected, list(initial_state),
+                                 go_backwards=self.go_backwards, unroll=self.unroll, input_length=sequences.shape[1],
+                                 return_all_outputs=self.return_sequences)
+
+
+@keras.saving.register_keras_serializable("charrnn")
+class ProjectedGRU(ProjectedInputs, keras.layers.GRU):
+    def _parent_loop(self):
+        cell = self.cell
+        return not cell.reset_after or self.use_cudnn is not False and keras_backend.cudnn_ok(
+            cell.activation, cell.recurrent_activation, self.unroll, cell.use_bias, reset_after=cell.reset_after)
+
+    def _input_bias(self):
+        return self.cell.bias[0]  # reset_after: the input bias, then the recurrent one
+
+    def _recurrent_step(self, recurrent_kernel):
+        cell, recurrent_bias = self.cell, self.cell.bias[1]
+
+        def step(projected, states):
+            h = states[0]
+            x_z, x_r, x_h = ops.split(projected, 3, axis=-1)
+            h_z, h_r, h_h = ops.split(ops.matmul(h, recurrent_kernel) + recurrent_bias, 3, axis=-1)
+            z = cell.recurrent_activation(x_z + h_z)
+            r = cell.recurrent_activation(x_r + h_r)
+            h = z * h + (1 - z) * cell.activation(x_h + r * h_h)
+            return h, [h]
+        return step
+
+
+@keras.saving.register_keras_serializable("charrnn")
+class ProjectedLSTM(ProjectedInputs, keras.layers.LSTM):
+    def _parent_loop(self):
+        cell = self.cell
+        return self.use_cudnn is not False and keras_backend.cudnn_ok(
+            cell.activation, cell.recurrent_activation, self.unroll, cell.use_bias)
+
+    def _input_bias(self):
+        return self.cell.bias
+
+    def _recurrent_step(self, recurrent_kernel):
+        cell = self.cell
+
+        def step(projected, states):
+            h, c = states
+            z_i, z_f, z_c, z_o = ops.split(projected + ops.matmul(h, recurrent_kernel), 4, axis=-1)
+            c = cell.recurrent_activation(z_f) * c + cell.recurrent_activation(z_i) * cell.activation(z_c)
+            h = cell.recurrent_activation(z_o) * cell.activation(c)
+            return h, [h, c]
+        return step
 
 
 class WeightDrop:
@@ -73,15 +140,16 @@ class WeightDrop:
 
 
 @keras.saving.register_keras_serializable("charrnn")
-class WeightDropGRU(WeightDrop, keras.layers.GRU):
+class WeightDropGRU(WeightDrop, ProjectedGRU):
     pass
 
 
 @keras.saving.register_keras_serializable("charrnn")
-class WeightDropLSTM(WeightDrop, keras.layers.LSTM):
+class WeightDropLSTM(WeightDrop, ProjectedLSTM):
     pass
 
 
+TRAINING_CELLS = {"gru": ProjectedGRU, "lstm": ProjectedLSTM}
 WEIGHT_DROP_CELLS = {"gru": WeightDropGRU, "lstm": WeightDropLSTM}
 
 
@@ -91,7 +159,8 @@ def recurrent_layer_names(cell, layers):
 
 def build_model(vocab_size, embedding_dim=256, units=1024, layers=1, cell="gru", dropout=0.0,
                 locked_dropout=False, embedding_dropout=0.0, weight_drop=0.0, regularised=True):
-    """The network; regularised=False: the same network with plain layers only (what is saved)."""
+    """The network as it trains; regularised=False: the same network with plain Keras layers only
+    (what is saved and exported)."""
     if regularised and embedding_dropout > 0:
         embedding = EmbeddingDropout(vocab_size, embedding_dim, rate=embedding_dropout, name="embedding")
     else:
@@ -104,6 +173,8 @@ def build_model(vocab_size, embedding_dim=256, units=1024, layers=1, cell="gru",
         options = dict(return_sequences=True, recurrent_initializer="glorot_uniform", name=name)
         if regularised and weight_drop > 0:
             stack.append(WEIGHT_DROP_CELLS[cell](units, weight_drop=weight_drop, **options))
+        elif regularised:
+            stack.append(TRAINING_CELLS[cell](units, **options))
         else:
             stack.append(CELLS[cell](units, **options))
     if dropout > 0:
