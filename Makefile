@@ -88,13 +88,15 @@ GRU3X512_AWD = --layers 3 --cell gru --units 512 --embedding-dim 128 --dropout 0
 shakespeare-gru3x512-awd: $(VENV)/.dev
 	$(call train_export_score,shakespeare-gru3x512-awd,$(GRU3X512_AWD),models/shakespeare-gru2x512)
 
-# Ablations of the round-2 recipe (README): the recipe with one regulariser taken out, or another seed;
+# Ablations of the round-2 recipe (README): the recipe with one regulariser taken out (or embedding dropout,
+# which it lacks, put in), or another seed;
 # click keeps an option's last value, so each is the recipe plus one override.
 # `make ablation-no-weight-drop` trains (or resumes) runs/shakespeare-gru2x512-awd-no-weight-drop.
 ABLATION_no-weight-drop = --weight-drop 0
 ABLATION_no-locked-dropout = --no-locked-dropout
 ABLATION_no-weight-decay = --weight-decay 0
 ABLATION_no-average = --average none
+ABLATION_with-embedding-dropout = --embedding-dropout 0.1
 ABLATION_seed-2 = --seed 2
 ablation-%: $(VENV)/.dev
 	$(call train_export_score,shakespeare-gru2x512-awd-$*,$(GRU2X512_AWD) $(ABLATION_$*))
