@@ -236,8 +236,8 @@ def main():
                               "ttfc_p50_ms": percentile(ttfc, 0.5), "ttfc_p99_ms": percentile(ttfc, 0.99),
                               "requests": len(ttfc), "errors": errors})
             after = in_process(model, clients, args.chars)
+            baseline = (before + after) / 2
             for row in level:
-                baseline = (before + after) / 2
                 ceiling = in_process_beside(model, clients, args.chars, row.pop("busy_cores"))
                 row.update(in_process_chars_per_second=baseline, in_process_before_after=[before, after],
                            engine_chars_per_second=engine, engine_ratio=engine / baseline,
