@@ -105,16 +105,20 @@ class Window:
                            if not line.startswith("#"))
         return {"time": time.perf_counter(), "client_cpu": time.process_time(), "server_cpu": cpu_seconds(self.pid),
                 **{name: float(samples[name]) for name in (
-                    "charrnn_generated_chars_total", "charrnn_batch_rows_count", "charrnn_batch_rows_sum")}}
+                    "charrnn_generated_chars_total", "charrnn_batch_rows_count", "charrnn_batch_rows_sum",
+                    "charrnn_e2e_request_latency_seconds_count")}}
 
     def figures(self, end):
-        """chars/s, mean batch and the cores used (server, its event loop, this client) in the window."""
+        """chars/s, mean batch, the cores used (server, its event loop, this client) in the window, and
+        the event loop's CPU per request that ended in it (the HTTP side's cost of one request)."""
         start, wall = self.start, end["time"] - self.start["time"]
         steps = end["charrnn_batch_rows_count"] - start["charrnn_batch_rows_count"]
+        ended = end["charrnn_e2e_request_latency_seconds_count"] - start["charrnn_e2e_request_latency_seconds_count"]
         server, loop = ((b - a) / wall for a, b in zip(start["server_cpu"], end["server_cpu"]))
         return {"chars_per_second": (end["charrnn_generated_chars_total"] - start["charrnn_generated_chars_total"]) / wall,
                 "mean_batch": (end["charrnn_batch_rows_sum"] - start["charrnn_batch_rows_sum"]) / max(1.0, steps),
                 "server_cores": server, "event_loop_cores": loop,
+                "event_loop_us_per_request": loop * wall / max(1.0, ended) * 1e6,
                 "client_cores": (end["client_cpu"] - start["client_cpu"]) / wall, "window_seconds": wall}
 
 
@@ -258,14 +262,16 @@ def main():
 
 def print_table(rows):
     print("| clients | streaming | chars/s | in-process chars/s | ratio | engine alone | ceiling | mean batch "
-          "| TTFC p50 ms | TTFC p99 ms | requests | errors | server CPU | event loop CPU | client CPU |")
-    print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| TTFC p50 ms | TTFC p99 ms | requests | errors | server CPU | event loop CPU | event loop µs/request "
+          "| client CPU |")
+    print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['clients']} | {'yes' if r['stream'] else 'no'} | {r['chars_per_second']:,.0f} | "
               f"{r['in_process_chars_per_second']:,.0f} | {r['ratio']:.0%} | {r['engine_ratio']:.0%} | "
               f"{r['ceiling_ratio']:.0%} | {r['mean_batch']:.1f} | "
               f"{r['ttfc_p50_ms']:.1f} | {r['ttfc_p99_ms']:.1f} | {r['requests']} | {r['errors']} | "
-              f"{r['server_cores']:.0%} | {r['event_loop_cores']:.0%} | {r['client_cores']:.0%} |")
+              f"{r['server_cores']:.0%} | {r['event_loop_cores']:.0%} | {r['event_loop_us_per_request']:,.0f} | "
+              f"{r['client_cores']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -160,6 +160,12 @@ def test_logit_bias_forces_and_bans_characters(complete, model):
     assert answer.choices[0].text == model.vocab[-1] * 20
 
 
+def test_a_completion_id_is_its_request_id(server):
+    response = httpx.post(f"{server[0]}/v1/completions", json={"prompt": "", "max_tokens": 3})
+    request_id = response.headers["x-request-id"]
+    assert request_id.startswith("req_") and response.json()["id"] == "cmpl-" + request_id.removeprefix("req_")
+
+
 def test_tokenize_and_detokenize(server, model):
     url, _ = server
     text = model.generate("", 25, seed=3)

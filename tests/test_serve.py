@@ -179,6 +179,21 @@ def test_a_client_that_goes_away_frees_its_row(shipped, stream):
         assert metrics["active_rows"] == 0 and metrics["requests_total"] == {"cancelled": 1}
 
 
+def test_a_client_that_goes_away_while_queued_never_gets_a_row(shipped):
+    """One row, taken by a long stream; a second request waits for it, and its client leaves: once
+    the row is free, the queued request ends cancelled without being generated."""
+    with serving(shipped, max_batch=1, max_length=10**6) as (url, engine), httpx.Client(base_url=url) as client:
+        long = {"prompt": "", "max_tokens": 10**6, "stream": True}
+        with client.stream("POST", "/v1/completions", json=long) as first:
+            lines = first.iter_lines()  # held: a dropped iterator closes the response
+            next(lines)
+            with pytest.raises(httpx.ReadTimeout):
+                client.post("/v1/completions", json={"prompt": "ROMEO: ", "max_tokens": 5}, timeout=0.5)
+            assert engine.metrics()["waiting_requests"] == 1
+        metrics = wait_until_idle(engine)
+        assert metrics["active_rows"] == 0 and metrics["requests_total"] == {"cancelled": 2}
+
+
 def test_engine_busy_is_503_with_retry_after(shipped):
     with serving(shipped, max_batch=1, max_waiting=1) as (url, engine), httpx.Client(base_url=url) as client:
         body = {"prompt": "", "max_tokens": 4000, "n": 3}
