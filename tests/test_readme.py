@@ -285,6 +285,6 @@ def test_the_round_2_curves_and_figures_come_from_committed_records(tmp_path):
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert "1.4515" in rows["21"] and "1.4484" in rows["28"] and "1.4598" in rows["17"]
     quoted = set(re.findall(r"\d\.\d{4}", README.read_text(encoding="utf-8")))
-    for record in round2.glob("*/quality.json"):
+    for record in (ROOT / "benchmarks").glob("round*/*/quality.json"):
         for result in json.loads(record.read_text())["results"]:
             assert {f"{result['windowed_loss']:.4f}", f"{result['full_context_loss']:.4f}"} <= quoted, record
