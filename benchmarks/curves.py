@@ -47,22 +47,28 @@ def plot(runs, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, (name, history) in enumerate(runs):
         color = f"C{i}"
         epochs = [r["epoch"] for r in history]
-        ax.plot(epochs, [r["val_loss"] for r in history], color=color, marker="o", markersize=3,
-                label=f"{name}: validation")
-        ax.plot(epochs, [r["loss"] for r in history], color=color, linestyle=":", label=f"{name}: training")
+        ax.plot(epochs, [r["val_loss"] for r in history], color=color, marker="o", markersize=3, label=name)
+        ax.plot(epochs, [r["loss"] for r in history], color=color, linestyle=":")
         trained = [(r["epoch"], r["trained_val_loss"]) for r in history if "trained_val_loss" in r]
         if trained:
-            ax.plot(*zip(*trained), color=color, linestyle="--", label=f"{name}: validation, not averaged")
+            ax.plot(*zip(*trained), color=color, linestyle="--")
     ax.set_ylim(1.1, 1.7)
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy (nats/char)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    runs_legend = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="run", title_fontsize=8)
+    ax.add_artist(runs_legend)  # one entry per run (colour), a second legend for what each line style is
+    styles = [Line2D([], [], color="grey", marker="o", markersize=3, label="validation"),
+              Line2D([], [], color="grey", linestyle=":", label="training (dropout on)"),
+              Line2D([], [], color="grey", linestyle="--", label="validation, not averaged")]
+    ax.legend(handles=styles, fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0))
+    fig.subplots_adjust(left=0.08, right=0.66, bottom=0.11, top=0.97)  # the legends sit right of the axes
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
