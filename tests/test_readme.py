@@ -273,7 +273,8 @@ if __name__ == "__main__":
 
 def test_the_round_2_curves_and_figures_come_from_committed_records(tmp_path):
     """The command under the round-2 plot runs from a checkout and prints the figures the README
-    quotes (the records are in git: runs/ is not)."""
+    quotes, and the README quotes every committed run's held-out scores (round 2's, round 3's): the
+    records are in git, runs/ is not."""
     pytest.importorskip("matplotlib")
     plot = tmp_path / "curves.png"
     round2 = ROOT / "benchmarks" / "round2"
