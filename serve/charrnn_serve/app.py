@@ -92,6 +92,10 @@ class ClientWatch:
         while (await receive())["type"] != "http.disconnect":
             pass
         self.left = True
+        self.cancel()
+
+    def cancel(self):
+        """Free the completion's rows (the client left, or the completion failed)."""
         for request in self.requests:
             request.cancel()
 
@@ -194,8 +198,7 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
                 raise HTTPException(499, "client disconnected")  # nobody reads it
         except BaseException:
             watch.close()
-            for r in requests:
-                r.cancel()
+            watch.cancel()
             raise
         if not body.stream:
             watch.close()
