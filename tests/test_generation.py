@@ -144,6 +144,26 @@ def test_rows_that_end_anywhere_in_a_window_continue_exactly(model):
     engine.close()
 
 
+def test_a_row_that_accepts_at_the_windows_end_is_cancelled_there_and_continues_exactly(model):
+    """A row only its length can end takes its characters at the window's end: cancelled mid-window,
+    it stops there, with the text and the state of those steps."""
+    engine = Engine(model, max_batch=2, background=False)
+    long, short = (engine.submit("", length, seed=i, temperature=0.9) for i, length in ((5, 40), (6, 2 * WINDOW)))
+    for _ in range(WINDOW + 1):  # into the second window: both have begun, only the first is far from its end
+        engine.step()
+    assert engine.deferred == [0] and engine.judged == [1] and engine.window_step == 1
+    assert len(long.sequence.chars) == WINDOW and len(short.sequence.chars) == WINDOW + 1
+    long.cancel()
+    while engine.step():
+        pass
+    done = long.result(timeout=0)
+    assert done.finish_reason == "cancelled" and len(done.text) == 2 * WINDOW
+    more = model.generate("", 20, seed=5, temperature=0.9, continuation=done.continuation)
+    assert done.text + more == model.generate("", 2 * WINDOW + 20, seed=5, temperature=0.9)
+    assert short.result(timeout=0).text == model.generate("", 2 * WINDOW, seed=6, temperature=0.9)
+    engine.close()
+
+
 def test_a_lone_plain_row_runs_its_window_in_the_sampling_loop(model_path):
     """One row of plain sampling takes LOOP_WINDOW steps per call of the int8 bundle's sampling loop (as
     model.generate does); a newcomer joins at the window's end, and both texts and the continuation

@@ -13,7 +13,10 @@ settings group), lets each Sequence accept its character, and steps the model on
 batch. Rows are admitted and evicted once a window of WINDOW steps (or at once when no row is left
 generating), and the window's noise is drawn then for all rows: the per-row Python of regrouping the
 batch is paid once a window, not every step, at the cost of a finished row's place staying idle
-until the window ends (a new request waits at most WINDOW steps for it). A lone row of plain
+until the window ends (a new request waits at most WINDOW steps for it). So is accepting: a row that
+cannot end within the window (only its length ends it, and not yet) takes the window's characters
+at its end in one call; only the others (stop strings, log-probabilities, a first or last character)
+are judged at every step, and a cancelled row stops at the window's end. A lone row of plain
 sampling runs LOOP_WINDOW steps in one call of the bundle's sampling loop, as `model.generate` does.
 With `background=True` (the default) two threads run the stages; `background=False` leaves them
 to the caller's `step()`, as onnxruntime-genai's Engine does. Each row samples with its own
@@ -132,6 +135,9 @@ class Engine:
         self.window_noise: np.ndarray | None = None  # [window, rows, vocab]: every row's noise of this window
         self.window = WINDOW  # its steps: LOOP_WINDOW when `loop` runs them
         self.window_step = 0  # steps of the window taken
+        self.judged: list[int] = []  # rows whose characters are judged at every step of the window
+        self.deferred: list[int] = []  # rows that cannot end within the window: they accept its characters at its end
+        self.deferred_chars: list[np.ndarray] = []  # the window's characters the deferred rows have not accepted yet
         self.loop: SamplingLoop | None = None  # the sampling loop, for a window of a lone plain row
         self.accepting = True
         self.failure: BaseException | None = None  # what killed a stage
@@ -281,12 +287,16 @@ class Engine:
                 self.stepper.step(chars)
                 steps = 1
         except Exception as e:  # noqa: BLE001 - the requests' readers get it; the engine serves on
+            self._accept_deferred()
             self._fail([r for r in self.rows if not r.sequence.finished],
                        e if isinstance(e, CharrnnError) else CharrnnError(f"generation failed: {e}"))
             self.live = 0
             return len(self.rows)
         self._keep_final_states(ended)
         self.window_step += steps
+        window_ended = self.window_step == self.window
+        if window_ended:
+            self._accept_deferred()
         counters = self.counters  # counted before the readers wake: what they read next includes this step
         counters["generated_chars_total"] += (self.live + len(ended)) * steps  # the rows that took characters
         counters["steps_total"] += steps
@@ -294,9 +304,13 @@ class Engine:
         counters["step_seconds_sum"] += time.perf_counter() - started
         now = time.monotonic()
         rows = self.rows
-        interval = max(self.flush_seconds, STREAM_WAKE_SECONDS * sum(r.streaming for r in rows))
-        self._wake([rows[i] for i in ended] + [r for r in rows if r.streaming and not r.sequence.finished and (
-            now - r.last_wake >= interval or len(r.sequence.chars) == steps)], now)  # or its first text
+        woken = [rows[i] for i in ended] + [  # and a stream's first text, at once
+            rows[i] for i in self.judged
+            if rows[i].streaming and not rows[i].sequence.finished and len(rows[i].sequence.chars) == steps]
+        if window_ended:  # the streams due (their text is all in now)
+            interval = max(self.flush_seconds, STREAM_WAKE_SECONDS * sum(r.streaming for r in rows))
+            woken += [r for r in rows if r.streaming and not r.sequence.finished and now - r.last_wake >= interval]
+        self._wake(woken, now)
         return len(rows)
 
     def _prefill_next(self) -> bool:
@@ -368,6 +382,7 @@ class Engine:
         """Evict finished and cancelled rows (keeping their final state), admit ready requests into free
         rows (under the lock); evict_all: also take every ready request off the queue (all are cancelled)."""
         now = time.monotonic()
+        self._accept_deferred()
         unused = self.window - self.window_step if self.window_noise is not None else 0
         if unused:  # the rows still generating give back the noise of the window they did not use
             for request in self.rows:
@@ -413,8 +428,21 @@ class Engine:
         session = self.model.loop_session if params is not None and params.plain and not params.stop else None
         self.loop = SamplingLoop(session) if session is not None else None
         self.window = LOOP_WINDOW if self.loop is not None else WINDOW
+        self.judged, self.deferred = [], []
+        for i, request in enumerate(self.rows):
+            deferred = self.loop is None and request.sequence.only_length_ends(after=self.window)
+            (self.deferred if deferred else self.judged).append(i)
         self.window_noise = np.concatenate([r.sequence.noise.take(self.window) for r in self.rows], axis=1) \
             if self.rows else None
+
+    def _accept_deferred(self) -> None:
+        """The deferred rows accept the characters of the steps taken since they last did."""
+        if self.deferred_chars:
+            columns = np.stack(self.deferred_chars, axis=1)[self.deferred].tolist()
+            self.deferred_chars = []
+            for i, chars in zip(self.deferred, columns):
+                if not self.rows[i].sequence.finished:  # (a failed step finished them all)
+                    self.rows[i].sequence.accept_many(chars)
 
     def _keep_final_states(self, rows: list[int]) -> None:
         """The state of rows that end, for their continuations (taken once, right after their last step)."""
@@ -447,15 +475,19 @@ class Engine:
 
     def _sample_and_accept(self) -> tuple[np.ndarray, list[int]]:
         """Every row's next character, sampled with its settings and noise, and accepted by its Sequence
-        (rows that ended earlier in the window are stepped, their characters dropped). Returns the
+        if it is judged at every step, else kept for the window's end (rows that ended earlier in the
+        window are stepped, their characters dropped). Returns the
         characters and the rows that ended at this step: a cancelled row ends before it (its text and
         its final state without this character), a finished one after it."""
         rows = self.rows
-        logprobs = log_softmax(self.stepper.logits) if self.logprobs_wanted else [None] * len(rows)
+        logprobs = log_softmax(self.stepper.logits) if self.logprobs_wanted else None
         chars = self._sample()
+        if self.deferred:
+            self.deferred_chars.append(chars)
         now = time.monotonic()
         finished = []
-        for i, (request, char, row_logprobs) in enumerate(zip(rows, chars.tolist(), logprobs)):
+        for i, char in zip(self.judged, chars[self.judged].tolist()):
+            request = rows[i]
             sequence = request.sequence
             if sequence.finished:
                 continue
@@ -465,7 +497,7 @@ class Engine:
                 self._finish(request, "cancelled")
                 self.live -= 1
                 continue
-            if sequence.accept(char, row_logprobs):
+            if sequence.accept(char, None if logprobs is None else logprobs[i]):
                 sequence.noise.put_back(self.window - self.window_step - 1)
                 self._finished(request, now)
                 self.live -= 1

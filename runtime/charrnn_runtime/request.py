@@ -27,7 +27,7 @@ class Request:
     """The caller's handle on one submitted Sequence: read it from a thread or from asyncio alike.
 
     Iterate (`for` / `async for`) for chunks of text as they come, or wait for the whole
-    Completion (`result()` / `await wait()`). `cancel()` stops it at the engine's next step.
+    Completion (`result()` / `await wait()`). `cancel()` stops it within the engine's window of steps.
     """
 
     def __init__(self, sequence: Sequence, model_identity: tuple[str, str]) -> None:
@@ -52,7 +52,8 @@ class Request:
         return self.sequence.finish_reason
 
     def cancel(self) -> None:
-        """Stop generating at the engine's next step (no-op once finished)."""
+        """Stop generating at the engine's next step, or at its window's end (at most WINDOW steps) for a
+        row that accepts its characters there (no-op once finished)."""
         self.cancelled = True
 
     def take(self) -> tuple[str, bool]:

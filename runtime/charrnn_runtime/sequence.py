@@ -111,6 +111,12 @@ class Sequence:
                 return used
         return len(char_ids)
 
+    def only_length_ends(self, after: int) -> bool:
+        """Has it begun, and can only its length end it (no stop string; no log-probabilities to
+        record), and not within the next `after` characters? Then it may accept them in one call."""
+        return (bool(self.chars) and not self._longest_stop and self.params.logprobs is None
+                and self.params.length - len(self.chars) > after)
+
     def finish(self, reason: str) -> None:
         if self.finish_reason is None:
             self.status, self.finish_reason, self.finished = Status.FINISHED, reason, True
