@@ -201,8 +201,8 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
             watch.cancel()
             raise
         if not body.stream:
-            watch.close()
-            return completion_response(head, body, prompt, requests, params.seed, state_token)
+            watch.close()  # a JSONResponse, not a dict: FastAPI would walk a dict with jsonable_encoder first
+            return JSONResponse(completion_response(head, body, prompt, requests, params.seed, state_token))
         for r in requests:
             r.streaming = True
         return EventStream(stream_events(head, body, prompt, requests, state_token), watch)
