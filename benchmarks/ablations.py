@@ -35,8 +35,12 @@ def load(path):
     return record
 
 
+AVERAGE_SETTINGS = {"average_start", "ema_decay"}  # moot in a run without an average
+
+
 def changes(config, recipe):
-    return ", ".join(f"{key} {config[key]}" for key in config if key not in IGNORED and config[key] != recipe.get(key)) \
+    moot = IGNORED | (AVERAGE_SETTINGS if config.get("average") == "none" else set())
+    return ", ".join(f"{key} {config[key]}" for key in config if key not in moot and config[key] != recipe.get(key)) \
         or "none (another run)"
 
 
