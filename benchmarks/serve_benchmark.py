@@ -181,21 +181,26 @@ async def load(url, pid, clients, stream, chars, seconds, request_seconds, burst
 
 
 def cpu_seconds(pid):
-    """(the process's CPU seconds, its main thread's: the event loop's) from /proc."""
+    """(the CPU seconds of the process and its children (the engine's process), its main thread's: the
+    event loop's) from /proc."""
     def seconds(stat_path):
         fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-    return seconds(f"/proc/{pid}/stat"), seconds(f"/proc/{pid}/task/{pid}/stat")
+    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+    return (seconds(f"/proc/{pid}/stat") + sum(cpu_seconds(child)[0] for child in children),
+            seconds(f"/proc/{pid}/task/{pid}/stat"))
 
 
 def percentile(values, q):
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
-def start_server(variant, max_batch, spin, log):
+def start_server(variant, max_batch, spin, engine_process, log):
     """charrnn-serve on a free loopback port, its stderr to `log`; (process, base url) once it answers."""
     server = subprocess.Popen([sys.executable, "-m", "charrnn_serve", "--variant", variant, "--port", "0",
-                               "--max-batch", str(max_batch), "--spin" if spin else "--no-spin"], stderr=log)
+                               "--max-batch", str(max_batch), "--spin" if spin else "--no-spin",
+                               "--engine-process" if engine_process else "--engine-in-process"], stderr=log)
     for _ in range(600):
         found = re.search(r"http://\S+:\d+", Path(log.name).read_text())
         try:
@@ -213,6 +218,8 @@ def main():
     parser.add_argument("--clients", default="1,16,64,256")
     parser.add_argument("--no-spin", dest="spin", action="store_false",
                         help="the server's idle onnxruntime threads sleep (charrnn-serve --no-spin)")
+    parser.add_argument("--engine-in-process", dest="engine_process", action="store_false",
+                        help="the server's batch loop in its HTTP process (charrnn-serve --engine-in-process)")
     parser.add_argument("--chars", type=int, default=256, help="max_tokens of every request")
     parser.add_argument("--seconds", type=float, default=20, help="the measured window of each level")
     parser.add_argument("--burst", action="store_true",
@@ -223,7 +230,7 @@ def main():
 
     model = charrnn_runtime.load(variant=args.variant, provider="cpu")
     log = tempfile.NamedTemporaryFile("w", prefix="charrnn-serve-", suffix=".log", delete=False)
-    server, url = start_server(args.variant, max(levels), args.spin, log)
+    server, url = start_server(args.variant, max(levels), args.spin, args.engine_process, log)
     rows = []
     try:
         asyncio.run(load(url, server.pid, 4, True, args.chars, 1, 0.1))  # warm-up: first steps, connections
@@ -255,7 +262,8 @@ def main():
         print(f"server log: {log.name}", file=sys.stderr)
     print_table(rows)
     with open(args.json, "w") as f:
-        json.dump({"variant": args.variant, "spin": args.spin, "burst": args.burst, "chars_per_request": args.chars,
+        json.dump({"variant": args.variant, "spin": args.spin, "engine_process": args.engine_process,
+                   "burst": args.burst, "chars_per_request": args.chars,
                    "window_seconds": args.seconds, "machine": platform.platform(), "cpus": os.cpu_count(),
                    "load_average": os.getloadavg(), "rows": rows}, f, indent=2)
 

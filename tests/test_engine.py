@@ -1,8 +1,13 @@
-"""The continuous-batching engine: identity with solo runs, limits, cancellation, drain, errors."""
+"""The continuous-batching engine: identity with solo runs, limits, cancellation, drain, errors.
+
+Each test that needs no patching of the engine's insides runs for both engines: Engine in the
+caller's process and EngineProcess (the same Engine in a process of its own)."""
 
 import asyncio
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +15,9 @@ import pytest
 import charrnn_runtime
 from charrnn_runtime import CharrnnError
 from charrnn_runtime.engine import Completion, Engine, EngineBusy
+from charrnn_runtime.engine_process import EngineProcess
 from charrnn_runtime.stepper import Stepper
+from conftest import run_python
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +25,14 @@ def model(model_path):
     return charrnn_runtime.load(model_path, provider="cpu")
 
 
+@pytest.fixture(params=[Engine, EngineProcess], ids=["in-process", "own-process"])
+def engine_type(request):
+    return request.param
+
+
 @pytest.fixture
-def engine(model):
-    with Engine(model, max_batch=64, max_waiting=256, max_length=1000) as engine:
+def engine(model, engine_type):
+    with engine_type(model, max_batch=64, max_waiting=256, max_length=1000) as engine:
         yield engine
 
 
@@ -58,11 +70,11 @@ def test_64_concurrent_requests_each_equal_their_solo_run(engine, model):
     assert metrics["batch_rows_sum"] / metrics["steps_total"] > 8  # they really shared steps
 
 
-def test_int8_concurrent_requests_each_equal_their_solo_run(model_path):
+def test_int8_concurrent_requests_each_equal_their_solo_run(model_path, engine_type):
     """int8 rows share no quantization scale, so batching never changes a request's text; solo plain
     temperature sampling even runs through the sampling loop, which the engine never uses."""
     int8 = charrnn_runtime.load(model_path, provider="cpu", variant="int8")
-    with Engine(int8, max_batch=32, max_waiting=64, max_length=1000) as engine:
+    with engine_type(int8, max_batch=32, max_waiting=64, max_length=1000) as engine:
         assert_concurrent_requests_equal_their_solo_runs(engine, int8, random_requests(int8, 32, seed=8))
 
 
@@ -79,9 +91,9 @@ def test_requests_arriving_while_others_generate_join_the_batch(engine, model):
         assert completion.text == model.generate(prompt, length, **settings)
 
 
-def test_max_batch_bounds_the_rows_and_the_rest_wait_their_turn(model):
+def test_max_batch_bounds_the_rows_and_the_rest_wait_their_turn(model, engine_type):
     requests = random_requests(model, 10, seed=2)
-    with Engine(model, max_batch=3) as engine:
+    with engine_type(model, max_batch=3) as engine:
         handles = [engine.submit(p, n, **s) for p, n, s in requests]
         texts = [h.result(timeout=60).text for h in handles]
         metrics = engine.metrics()
@@ -89,8 +101,8 @@ def test_max_batch_bounds_the_rows_and_the_rest_wait_their_turn(model):
     assert metrics["batch_rows_sum"] <= 3 * metrics["steps_total"]
 
 
-def test_streaming_sends_chunks_not_characters(model):
-    with Engine(model, flush_seconds=0.05) as engine:
+def test_streaming_sends_chunks_not_characters(model, engine_type):
+    with engine_type(model, flush_seconds=0.05) as engine:
         async def collect():
             request = engine.stream("", 1000, seed=5)
             return [chunk async for chunk in request], request.finish_reason
@@ -168,8 +180,8 @@ def test_bad_requests_are_refused_at_once(engine, kwargs, message):
     assert engine.metrics()["waiting_requests"] == 0
 
 
-def test_a_full_queue_refuses_with_busy(model):
-    with Engine(model, max_batch=1, max_waiting=2, max_length=100_000) as engine:
+def test_a_full_queue_refuses_with_busy(model, engine_type):
+    with engine_type(model, max_batch=1, max_waiting=2, max_length=100_000) as engine:
         running = engine.submit("", 100_000)
         while engine.metrics()["active_rows"] == 0:
             time.sleep(0.001)
@@ -212,32 +224,82 @@ def assert_cancelled_once(engine):
     assert metrics["active_rows"] == metrics["waiting_requests"] == 0
 
 
-def test_drain_finishes_what_runs_and_refuses_new_requests(model):
-    with Engine(model, max_length=100_000) as engine:
+def test_drain_finishes_what_runs_and_refuses_new_requests(model, engine_type):
+    with engine_type(model, max_length=100_000) as engine:
         running = engine.submit("", 300, seed=2)
         assert engine.drain(timeout=60)
         assert running.result(timeout=1).text == model.generate("", 300, seed=2)
         with pytest.raises(EngineBusy, match="shutting down"):
             engine.submit("", 5)
-    with Engine(model, max_length=10_000_000) as engine:
+    with engine_type(model, max_length=10_000_000) as engine:
         endless = engine.submit("", 10_000_000)
         assert not engine.drain(timeout=0.2)  # too long to finish: cancelled at the deadline
         assert endless.result(timeout=10).finish_reason == "cancelled"
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(engine, model, monkeypatch):
-    with monkeypatch.context() as patched:  # a fault injected into the model's step
-        patched.setattr(Stepper, "step", lambda *a: (_ for _ in ()).throw(RuntimeError("broken model")))
-        with pytest.raises(CharrnnError, match="generation failed: broken model"):
-            engine.submit("", 10).result(timeout=10)
-    assert engine.submit("", 10, seed=1).result(timeout=10).text == model.generate("", 10, seed=1)
-    assert engine.metrics()["requests_total"]["error"] == 1
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(model, monkeypatch):
+    with Engine(model) as engine:
+        with monkeypatch.context() as patched:  # a fault injected into the model's step
+            patched.setattr(Stepper, "step", lambda *a: (_ for _ in ()).throw(RuntimeError("broken model")))
+            with pytest.raises(CharrnnError, match="generation failed: broken model"):
+                engine.submit("", 10).result(timeout=10)
+        assert engine.submit("", 10, seed=1).result(timeout=10).text == model.generate("", 10, seed=1)
+        assert engine.metrics()["requests_total"]["error"] == 1
 
 
-def test_closing_the_engine_cancels_everything(model):
-    engine = Engine(model, max_batch=1, max_length=10_000_000)
+def test_closing_the_engine_cancels_everything(model, engine_type):
+    engine = engine_type(model, max_batch=1, max_length=10_000_000)
     running, queued = engine.submit("", 10_000_000), engine.submit("", 10)
     engine.close()
     assert running.result(timeout=10).finish_reason == queued.result(timeout=10).finish_reason == "cancelled"
     with pytest.raises(EngineBusy):
         engine.submit("", 1)
+
+
+def test_an_engine_process_that_dies_fails_what_it_runs_at_once_and_says_so(model):
+    engine = EngineProcess(model, max_length=10_000_000)
+    running = engine.submit("", 10_000_000)
+    while engine.metrics()["active_rows"] == 0:
+        time.sleep(0.001)
+    engine.process.kill()
+    with pytest.raises(EngineBusy, match="the engine stopped: its process exited"):
+        running.result(timeout=10)
+    assert engine.status == "failed"
+    with pytest.raises(EngineBusy, match="the engine stopped"):
+        engine.submit("", 5)
+    engine.close()
+
+
+def test_an_engine_process_outlives_a_ctrl_c_and_ends_with_its_caller(model):
+    """Ctrl-C reaches the whole process group: the caller drains and closes its engine, which must not
+    die first. If the caller dies without closing it, the engine's process ends with the pipe."""
+    import signal
+    with EngineProcess(model) as engine:
+        os.kill(engine.process.pid, signal.SIGINT)
+        assert engine.submit("", 20, seed=1).result(timeout=10).text == model.generate("", 20, seed=1)
+    assert engine.process.returncode == 0
+    code = f"""
+import charrnn_runtime, os
+from charrnn_runtime.engine_process import EngineProcess
+engine = EngineProcess(charrnn_runtime.load({str(model.arguments["path"])!r}, provider="cpu"))
+print(engine.process.pid, flush=True)
+os._exit(0)
+"""
+    result = run_python(code)
+    pid = int(result.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(pid)
+
+
+def pid_alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_an_engine_process_refuses_bad_options_at_once(model):
+    with pytest.raises(CharrnnError, match="max_batch must be >= 1"):
+        EngineProcess(model, max_batch=0)

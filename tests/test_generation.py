@@ -209,8 +209,10 @@ def test_importing_the_runtime_and_its_engine_loads_no_cli_web_or_tensorflow_mod
 import sys
 import charrnn_runtime
 from charrnn_runtime.engine import LOOP_WINDOW, WINDOW, Engine
-with Engine(charrnn_runtime.load({str(SHIPPED)!r}, provider="cpu")) as engine:
-    engine.submit("", 5, seed=0).result()
+from charrnn_runtime.engine_process import EngineProcess
+for kind in (Engine, EngineProcess):
+    with kind(charrnn_runtime.load({str(SHIPPED)!r}, provider="cpu")) as engine:
+        engine.submit("", 5, seed=0).result()
 heavy = ("click", "fastapi", "starlette", "uvicorn", "ray", "charrnn_serve", "tensorflow", "keras", "tf2onnx", "onnx")
 print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
 """

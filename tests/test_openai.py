@@ -19,6 +19,8 @@ from test_serve import serving, wait_until_idle  # noqa: E402
 
 import charrnn_runtime  # noqa: E402
 from charrnn_runtime import bundle  # noqa: E402
+from charrnn_runtime.engine import Engine  # noqa: E402
+from charrnn_runtime.engine_process import EngineProcess  # noqa: E402
 from charrnn_runtime.stepper import Stepper  # noqa: E402
 
 
@@ -33,9 +35,10 @@ def model(model_path):
     return charrnn_runtime.load(model_path, provider="cpu")
 
 
-@pytest.fixture(scope="module")
-def server(model):
-    with serving(model, max_length=1000) as running:
+@pytest.fixture(scope="module", params=[Engine, EngineProcess], ids=["in-process", "own-process"])
+def server(model, request):
+    """The server over either engine: the batch loop in its process, or in one of its own (the default)."""
+    with serving(model, request.param, max_length=1000) as running:
         yield running
 
 

@@ -27,9 +27,9 @@ from charrnn_serve.app import create_app  # noqa: E402
 
 
 @contextlib.contextmanager
-def serving(model, **engine_options):
-    """create_app over a fresh Engine, served by uvicorn in a thread; yields (base url, engine)."""
-    engine = Engine(model, **engine_options)
+def serving(model, engine_type=Engine, **engine_options):
+    """create_app over a fresh Engine (or EngineProcess), served by uvicorn in a thread; yields (base url, engine)."""
+    engine = engine_type(model, **engine_options)
     listening = cli.listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]})

@@ -40,6 +40,7 @@ position): submitting with it continues exactly where it stopped.
 
 from __future__ import annotations
 
+import abc
 import collections
 import threading
 import time
@@ -52,7 +53,7 @@ import numpy as np
 from .errors import CharrnnError
 from .params import SamplingParams
 from .prefill import PrefixCache, prefill
-from .request import Completion, Request
+from .request import Completion, Request, wake
 from .sampling import GumbelNoise, check_finite, log_softmax, loop_inputs, sample
 from .sequence import Sequence
 from .state import Continuation, State
@@ -100,7 +101,99 @@ WINDOW = 4  # steps between admissions and evictions while rows generate: the pe
 # regrouping the batch and drawing its noise is done once a window, not every step
 
 
-class Engine:
+class Submitting(abc.ABC):
+    """The caller's API over `submit_all`, and the checks a submission passes before it is queued:
+    Engine's, and EngineProcess's (its engine in another process)."""
+
+    model: Any
+    max_length: int
+    max_waiting: int
+    identity: tuple[str, str]
+    accepting: bool
+    failure: BaseException | str | None
+
+    @abc.abstractmethod
+    def submit_all(self, prompt: str, params: Listing[SamplingParams],
+                   continuation: Continuation | None = None) -> list[Request]:
+        """Queue one request per SamplingParams, all from `prompt`, fed once (n choices): all are
+        queued, or none (a CharrnnError or EngineBusy)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop; whatever is still queued or running ends as cancelled."""
+
+    @property
+    def status(self) -> str:
+        """"ok", "draining" (new requests refused, those in flight finishing) or "failed" (a stage died)."""
+        return "failed" if self.failure is not None else "ok" if self.accepting else "draining"
+
+    @property
+    def max_chars(self) -> int:
+        """Deprecated name of max_length."""
+        return self.max_length
+
+    # -- callers ------------------------------------------------------------------------------------
+
+    def submit(self, prompt: str, length: int | None = None, *, params: SamplingParams | None = None,
+               continuation: Continuation | None = None, **settings: Any) -> Request:
+        """Queue a request (validated here: a CharrnnError names the field, `.param`); returns its handle.
+
+        `params`, or its fields as keywords (temperature, top_k, top_p, seed, stop, ...); `length`
+        is the most characters to generate; `continuation`: go on from where a request stopped."""
+        if "max_chars" in settings:
+            warnings.warn("submit(max_chars=) is deprecated: use length=", DeprecationWarning, stacklevel=2)
+            length = settings.pop("max_chars")
+        if params is None:
+            params = SamplingParams(length=length, **settings) if length is not None else SamplingParams(**settings)
+        elif length is not None or settings:
+            raise CharrnnError("pass either params or its fields, not both")
+        return self.submit_all(prompt, [params], continuation)[0]
+
+    def stream(self, prompt: str, length: int | None = None, **options: Any) -> Request:
+        """Submit at once (errors raise here, before any await) a request to read with `async for`."""
+        request = self.submit(prompt, length, **options)
+        request.streaming = True
+        return request
+
+    async def generate(self, prompt: str, length: int | None = None, **options: Any) -> Completion:
+        """The whole completion; cancelling the awaiting task cancels the request."""
+        return await self.submit(prompt, length, **options).wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _checked(self, prompt: str, params: Listing[SamplingParams],
+                 continuation: Continuation | None) -> tuple[np.ndarray, State | None]:
+        """The prompt's ids and the continued state, once the submission passes every check."""
+        if len(prompt) > self.max_length:
+            raise CharrnnError(f"prompt is longer than {self.max_length} characters", "prompt")
+        for p in params:
+            if p.length > self.max_length:
+                raise CharrnnError(f"length must be an integer in [0, {self.max_length}], got {p.length}", "length")
+        return self.model.encode(prompt), self._check_continuation(continuation)
+
+    def _refusal(self, waiting: int, count: int) -> str | None:
+        """Why `count` more requests are refused now (EngineBusy), with `waiting` queued; None: they are not."""
+        return (f"the engine stopped: {self.failure}" if self.failure is not None
+                else "the server is shutting down: not accepting new requests" if not self.accepting
+                else f"busy: {waiting} requests already waiting for a row" if waiting + count > self.max_waiting
+                else None)
+
+    def _check_continuation(self, continuation: Continuation | None) -> State | None:
+        if continuation is None:
+            return None
+        if (continuation.sha256, continuation.variant) != self.identity:
+            raise CharrnnError("the state belongs to another model or variant", "state")
+        if len(continuation.state) != 1:
+            raise CharrnnError("a continuation holds one stream", "state")
+        self.model.check(continuation.state)
+        return continuation.state
+
+
+class Engine(Submitting):
     """Prefills and steps all active requests of `model` (continuous batching).
 
     max_batch: rows stepped together; max_waiting: requests queued (for their prefill or a row)
@@ -155,67 +248,19 @@ class Engine:
         for thread in self.threads:
             thread.start()
 
-    @property
-    def status(self) -> str:
-        """"ok", "draining" (new requests refused, those in flight finishing) or "failed" (a stage died)."""
-        return "failed" if self.failure is not None else "ok" if self.accepting else "draining"
-
-    @property
-    def max_chars(self) -> int:
-        """Deprecated name of max_length."""
-        return self.max_length
-
-    # -- callers ------------------------------------------------------------------------------------
-
-    def submit(self, prompt: str, length: int | None = None, *, params: SamplingParams | None = None,
-               continuation: Continuation | None = None, **settings: Any) -> Request:
-        """Queue a request (validated here: a CharrnnError names the field, `.param`); returns its handle.
-
-        `params`, or its fields as keywords (temperature, top_k, top_p, seed, stop, ...); `length`
-        is the most characters to generate; `continuation`: go on from where a request stopped."""
-        if "max_chars" in settings:
-            warnings.warn("submit(max_chars=) is deprecated: use length=", DeprecationWarning, stacklevel=2)
-            length = settings.pop("max_chars")
-        if params is None:
-            params = SamplingParams(length=length, **settings) if length is not None else SamplingParams(**settings)
-        elif length is not None or settings:
-            raise CharrnnError("pass either params or its fields, not both")
-        return self.submit_all(prompt, [params], continuation)[0]
-
     def submit_all(self, prompt: str, params: Listing[SamplingParams],
                    continuation: Continuation | None = None) -> list[Request]:
-        """Queue one request per SamplingParams, all from `prompt`, fed once (n choices): all are
-        queued, or none (a CharrnnError or EngineBusy)."""
-        if len(prompt) > self.max_length:
-            raise CharrnnError(f"prompt is longer than {self.max_length} characters", "prompt")
-        for p in params:
-            if p.length > self.max_length:
-                raise CharrnnError(f"length must be an integer in [0, {self.max_length}], got {p.length}", "length")
-        ids = self.model.encode(prompt)
-        start = self._check_continuation(continuation)
+        ids, start = self._checked(prompt, params, continuation)
         requests = [Request(Sequence(ids, p, self.model.vocab, self._noise(p, continuation)), self.identity)
                     for p in params]
         with self.changed:
-            refusal = (f"the engine stopped: {self.failure}" if self.failure is not None
-                       else "the server is shutting down: not accepting new requests" if not self.accepting
-                       else f"busy: {self._waiting()} requests already waiting for a row"
-                       if self._waiting() + len(requests) > self.max_waiting else None)
+            refusal = self._refusal(self._waiting(), len(requests))
             if refusal:
                 self.counters["requests_rejected_total"] += len(requests)
                 raise EngineBusy(refusal)
             self.jobs.append(Job(prompt, ids, requests, start))
             self.changed.notify_all()
         return requests
-
-    def stream(self, prompt: str, length: int | None = None, **options: Any) -> Request:
-        """Submit at once (errors raise here, before any await) a request to read with `async for`."""
-        request = self.submit(prompt, length, **options)
-        request.streaming = True
-        return request
-
-    async def generate(self, prompt: str, length: int | None = None, **options: Any) -> Completion:
-        """The whole completion; cancelling the awaiting task cancels the request."""
-        return await self.submit(prompt, length, **options).wait()
 
     def metrics(self) -> dict[str, Any]:
         """Counters since start (requests_total by finish reason, characters, prefix cache hits, steps,
@@ -247,7 +292,6 @@ class Engine:
         return True
 
     def close(self) -> None:
-        """Stop; whatever is still queued or running ends as cancelled."""
         with self.changed:
             self.accepting = self.running = False
             self.changed.notify_all()
@@ -255,12 +299,6 @@ class Engine:
             if thread is not threading.current_thread():
                 thread.join()
         self._cancel_all()
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- the stages ---------------------------------------------------------------------------------
 
@@ -539,16 +577,6 @@ class Engine:
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
-    def _check_continuation(self, continuation: Continuation | None) -> State | None:
-        if continuation is None:
-            return None
-        if (continuation.sha256, continuation.variant) != self.identity:
-            raise CharrnnError("the state belongs to another model or variant", "state")
-        if len(continuation.state) != 1:
-            raise CharrnnError("a continuation holds one stream", "state")
-        self.model.check(continuation.state)
-        return continuation.state
-
     def _noise(self, params: SamplingParams, continuation: Continuation | None) -> GumbelNoise:
         """The request's noise stream: a continuation's goes on where it stopped (same seed)."""
         start = continuation.position if continuation is not None and continuation.seed == params.seed else 0
@@ -594,19 +622,5 @@ class Engine:
             self.changed.notify_all()
 
     def _wake(self, requests: list[Request], now: float) -> None:
-        """Wake the readers of `requests`: one event-loop call per loop, not one per request. A finished
-        request shows as done to its readers from here on: after all its bookkeeping (final state, counts)."""
-        by_loop = collections.defaultdict(list)
-        for request in requests:
-            request.done = request.sequence.finished
-            request._wake(now, by_loop)
-        for loop, events in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_set_all, events)
-            except RuntimeError:  # the reader's event loop is closed: nobody is waiting any more
-                pass
-
-
-def _set_all(events) -> None:
-    for event in events:
-        event.set()
+        """Every change a reader may see goes through here (EngineProcess's engine sends it on)."""
+        wake(requests, now)

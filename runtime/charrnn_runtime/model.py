@@ -35,6 +35,8 @@ class Model:
     def __init__(self, path: PathLike | None = None, provider: str = "auto", variant: str = "fp32",
                  threads: int | None = None, spinning: bool = True, sampling_loop: bool = True) -> None:
         located = bundle.find(path, variant)
+        self.arguments = dict(path=path, provider=provider, variant=variant, threads=threads, spinning=spinning,
+                              sampling_loop=sampling_loop)  # to load it again elsewhere (EngineProcess)
         self.path, self.sha256 = located.path, bundle.verify(located.onnx, located.sha256)
         self.session, self.provider, self.cpu_reason = create_session(located.onnx, provider, threads, spinning)
         self.facts = bundle.read_facts(self.session, located.onnx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import threading
 import time
@@ -153,3 +154,22 @@ class Request:
         if self._async_changed is not None:
             loop, event = self._async_changed
             by_loop[loop].append(event)
+
+
+def wake(requests, now: float) -> None:
+    """Wake the readers of `requests`: one event-loop call per loop, not one per request. A finished
+    request shows as done to its readers from here on: after all its bookkeeping (final state, counts)."""
+    by_loop = collections.defaultdict(list)
+    for request in requests:
+        request.done = request.sequence.finished
+        request._wake(now, by_loop)
+    for loop, events in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, events)
+        except RuntimeError:  # the reader's event loop is closed: nobody is waiting any more
+            pass
+
+
+def _set_all(events) -> None:
+    for event in events:
+        event.set()

@@ -1,6 +1,6 @@
-"""The OpenAI-compatible HTTP API over one Engine (vLLM / llama.cpp server / TGI convention).
+"""The OpenAI-compatible HTTP API over one Engine or EngineProcess (vLLM / llama.cpp server / TGI convention).
 
-    app = create_app(Engine(charrnn_runtime.load()))     # then uvicorn, or Ray Serve (ray_app.py)
+    app = create_app(EngineProcess(charrnn_runtime.load()))   # then uvicorn, or Ray Serve (ray_app.py)
 
 Routes: POST /v1/completions (completions.py), POST /tokenize and /detokenize (vLLM's), GET
 /v1/models, GET /health (503 while draining or if the engine's loop died), GET /metrics
@@ -166,10 +166,10 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
     @app.get("/health")
     async def health():
         """200 while serving; 503 while draining or if the engine's loop died (a balancer routes elsewhere)."""
-        metrics = engine.metrics()
-        return JSONResponse({"status": engine.status, "model": name, "replica": replica,
+        metrics, status = engine.metrics(), engine.status
+        return JSONResponse({"status": status, "model": name, "replica": replica,
                              "active_rows": metrics["active_rows"], "waiting_requests": metrics["waiting_requests"]},
-                            status_code=200 if engine.status == "ok" else 503)
+                            status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models():

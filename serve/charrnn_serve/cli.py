@@ -131,6 +131,9 @@ def origins(ctx, param, values):
 @click.option("--state-secret-file", type=click.Path(dir_okay=False), callback=lambda c, p, v: secret_file(v),
               help="The key continuation tokens (\"return_state\") are signed with, shared by every replica and "
                    "restart that should accept them; else $CHARRNN_STATE_SECRET.  [default: random per start]")
+@click.option("--engine-process/--engine-in-process", default=True, show_default=True,
+              help="Run the batch loop in a process of its own, so that it never waits for the HTTP side's GIL "
+                   "(--engine-in-process: one process, its threads taking turns).")
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Serve (needs the [ray] extra).")
 @click.option("--address", default=None,
               help="With --ray: the Ray cluster to join (e.g. 10.0.0.1:6379).  [default: start a local Ray]")
@@ -138,7 +141,7 @@ def origins(ctx, param, values):
               help="With --ray: replicas, each a process with its own model and batch.")
 def main(model_path, host, port, variant, provider, max_batch, spin, stream_interval, drain_seconds, max_waiting,
          queue_timeout, request_timeout, api_keys, api_key_file, allowed_origins, allowed_hosts, max_body_bytes,
-         prefix_cache_mb, state_secret_file, use_ray, address, replicas):
+         prefix_cache_mb, state_secret_file, engine_process, use_ray, address, replicas):
     if not use_ray and (address or replicas != 1):
         raise BadInput("--address and --replicas need --ray")
     load_options = dict(provider=provider, variant=variant, spinning=spin)
@@ -159,11 +162,12 @@ def main(model_path, host, port, variant, provider, max_batch, spin, stream_inte
             require_extra("ray", "charrnn-serve --ray")
         with cli_errors():
             run(model_path, host, port, load_options, engine_options, drain_seconds, address, replicas, security,
-                note_random_secret if random_secret else None)
+                engine_process, note_random_secret if random_secret else None)
         return
     try:
         from charrnn_runtime import load
         from charrnn_runtime.engine import Engine
+        from charrnn_runtime.engine_process import EngineProcess
     except ImportError as e:
         require_onnxruntime("charrnn-serve", e)
     try:
@@ -178,7 +182,8 @@ def main(model_path, host, port, variant, provider, max_batch, spin, stream_inte
         click.echo(f"note: running on CPU: {model.cpu_reason}", err=True)
     if random_secret:
         note_random_secret()
-    engine = Engine(model, **engine_options)
+    with cli_errors():
+        engine = (EngineProcess if engine_process else Engine)(model, **engine_options)
     app = create_app(engine, drain_seconds=drain_seconds, security=security)
     host, port = listening.getsockname()[:2]
     click.echo(f"charrnn-serve: {model.path.name} ({model.variant} on {model.provider}, max batch {max_batch}) "

@@ -14,21 +14,25 @@ from ray import serve
 
 from charrnn_runtime import bundle, load
 from charrnn_runtime.engine import Engine
+from charrnn_runtime.engine_process import EngineProcess
 
 from .app import create_app
 
 NAME = "charrnn"
 
 
-def deployment(model=None, load_options=None, engine_options=None, drain_seconds=30.0, replicas=1, security=None):
+def deployment(model=None, load_options=None, engine_options=None, drain_seconds=30.0, replicas=1, security=None,
+               engine_process=True):
     """The bound Ray Serve application (pass it to serve.run); `model`: a path every node has, or None
     for each replica's packaged model; the options go to charrnn_runtime.load and Engine, and `security`
-    (SecurityOptions, keys included) to each replica's create_app."""
+    (SecurityOptions, keys included) to each replica's create_app. engine_process: each replica's
+    batch loop in a process of its own (EngineProcess), as charrnn-serve's."""
     load_options, engine_options = load_options or {}, engine_options or {}
 
     def build_app():  # runs in each replica's process
         replica = serve.get_replica_context().replica_id.to_full_id_str()  # its actor name
-        return create_app(Engine(load(model, **load_options), **engine_options), replica, drain_seconds, security)
+        engine = (EngineProcess if engine_process else Engine)(load(model, **load_options), **engine_options)
+        return create_app(engine, replica, drain_seconds, security)
 
     ingress = serve.deployment(
         serve.ingress(build_app)(), name=NAME, num_replicas=replicas,
@@ -37,7 +41,8 @@ def deployment(model=None, load_options=None, engine_options=None, drain_seconds
     return ingress.bind()
 
 
-def run(model, host, port, load_options, engine_options, drain_seconds, address, replicas, security, note=None):
+def run(model, host, port, load_options, engine_options, drain_seconds, address, replicas, security, engine_process,
+        note=None):
     """charrnn-serve --ray: deploy, print where, serve until SIGTERM/SIGINT, then shut Serve down.
     `note`: called once the model is found (the CLI's warnings)."""
     import ray
@@ -49,8 +54,8 @@ def run(model, host, port, load_options, engine_options, drain_seconds, address,
     try:
         serve.start(http_options={"host": host, "port": port})
         # replicas may run on other machines: the same absolute path must hold the model there
-        serve.run(deployment(str(path.resolve()), load_options, engine_options, drain_seconds, replicas, security),
-                  name=NAME, route_prefix="/")
+        serve.run(deployment(str(path.resolve()), load_options, engine_options, drain_seconds, replicas, security,
+                             engine_process), name=NAME, route_prefix="/")
         print(f"charrnn-serve: {replicas} replica(s) on Ray at http://{host}:{port}/v1"
               f"{' (API key required)' if security.api_keys else ''}", flush=True)
         stop = threading.Event()
