@@ -17,7 +17,6 @@ child. If the child dies, every request in flight fails at once and `status` say
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import signal
 import socket
@@ -100,8 +99,7 @@ class EngineProcess(Submitting):
         if started[0] == "failed":
             self.process.wait()
             raise started[1]
-        self.last_metrics = started[1]
-        atexit.register(self.close)  # before multiprocessing's own exit handler, which would wait for the child
+        self.last_metrics = started[1]  # the child's, until it answers again
         self.reader = threading.Thread(target=self._read, name="charrnn-engine-reader", daemon=True)
         self.reader.start()
 
@@ -125,18 +123,19 @@ class EngineProcess(Submitting):
 
     @property
     def status(self) -> str:
-        if self.gone.is_set():
+        try:
+            return self._call("status")
+        except EngineBusy:  # it is gone: closed (then draining, as a closed Engine), or it died
             return "failed" if self.failure is not None else "draining"
-        return self._call("status")
 
     def metrics(self) -> dict[str, Any]:
-        """Engine.metrics of the child (the last it gave, once it is gone)."""
-        if self.gone.is_set():
-            return self.last_metrics
-        metrics = self._call("metrics")
-        metrics["requests_rejected_total"] += self.rejected
-        self.last_metrics = metrics
-        return metrics
+        """Engine.metrics of the child (the last it gave, once it is gone), with the refusals counted here."""
+        try:
+            self.last_metrics = self._call("metrics")
+        except EngineBusy:
+            pass
+        return {**self.last_metrics, "requests_rejected_total": self.last_metrics["requests_rejected_total"]
+                + self.rejected}
 
     def drain(self, timeout: float) -> bool:
         """Engine.drain in the engine's process (this thread waits for it)."""
@@ -144,13 +143,11 @@ class EngineProcess(Submitting):
         return self.failure is None and self._call("drain", timeout)
 
     def close(self) -> None:
-        atexit.unregister(self.close)
         self.accepting = False
-        if not self.gone.is_set():
-            try:
-                self._call("close")
-            except EngineBusy:
-                pass  # it died meanwhile
+        try:
+            self.last_metrics = self._call("close")
+        except EngineBusy:
+            pass  # it is gone already
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -170,10 +167,10 @@ class EngineProcess(Submitting):
         """Ask the child and wait for its answer."""
         key, call = next(self.keys), [threading.Event(), None]
         self.calls[key] = call
-        self._send(("call", key, *message))
-        if self.gone.is_set() and not call[0].is_set():  # it ended before _lost could see this call
+        if self.gone.is_set():  # (checked after registering: _lost ends every call it sees)
             call[1] = self.gone_error
         else:
+            self._send(("call", key, *message))
             call[0].wait()
         del self.calls[key]
         if isinstance(call[1], BaseException):
@@ -293,8 +290,8 @@ class PublishingEngine(Engine):
                 continue  # a stream or cancel for a request that has ended
             elif message[2] == "drain":  # it waits for the requests in flight: the messages go on meanwhile
                 threading.Thread(target=self._answer, args=(message[1], self.drain, message[3]), daemon=True).start()
-            elif message[2] == "close":
-                self._answer(message[1], self.close)
+            elif message[2] == "close":  # answered with the final metrics
+                self._answer(message[1], lambda: (self.close(), self.metrics())[1])
                 return
             else:
                 self._answer(message[1], {"status": lambda: self.status, "metrics": self.metrics}[message[2]])
