@@ -67,6 +67,14 @@ def test_a_stop_string_ends_a_sequence_where_it_completes():
     assert (sequence.finish_reason, sequence.text) == ("stop", "abca")
 
 
+def test_a_whole_stop_string_not_yet_judged_is_never_readable():
+    """Another thread may read between a character joining the text and `accept` ending the sequence."""
+    sequence = Sequence([], SamplingParams(seed=0, stop=["ca", "\n"], length=100, include_stop=False), VOCAB)
+    sequence.prefilled()
+    sequence.chars += ["a", "b", "c", "a"]  # the moment before accept's judgement
+    assert sequence.readable() == 2
+
+
 def test_zero_length_finishes_once_its_prompt_is_fed_with_its_logprobs():
     sequence = Sequence([0, 2], SamplingParams(seed=0, length=0, prompt_logprobs=1), VOCAB)
     sequence.prefilled(np.log([[0.25] * 4, [0.1, 0.2, 0.3, 0.4]]))

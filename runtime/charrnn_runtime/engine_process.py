@@ -6,18 +6,21 @@
 In one process, the batch thread's Python between its onnxruntime calls (sampling, accepting,
 regrouping the batch) and an asyncio server's event loop take turns at the GIL, and the cores idle
 while one waits for it: py-spy on charrnn-serve with 256 streaming clients found the batch thread
-waiting for the GIL a fifth of the time. Here the Engine runs in a child process (spawned; it loads
-the same model the same way and checks its sha256). The caller's process keeps a mirror of each
+waiting for the GIL a fifth of the time. Here the Engine runs in a child process (a fresh
+interpreter that loads the same model the same way and checks its sha256; the caller's copy of the
+model stays for encoding and checks, so the model's memory is taken twice). The caller's process keeps a mirror of each
 request, a Request like Engine's, that the engine's updates fill in (new characters, admission, the
 finish, the continuation) and whose readers are woken as Engine wakes them; a cancel goes the
 other way. Submissions are checked on the caller's side as Engine checks them, so a bad request or
 a full queue (counted here) raises at submit as it does there; metrics, status and drain ask the
-child. If the child dies, every request in flight fails at once and `status` says "failed".
+child. If the child dies, or a stage of its Engine does, every request in flight fails at once and
+`status` says "failed".
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import signal
 import socket
 import subprocess
@@ -35,6 +38,7 @@ from .request import Request, wake
 from .sequence import Sequence
 from .state import Continuation
 
+log = logging.getLogger(__name__)
 NOISE_IN_ENGINE = object()  # a mirror never samples: its Sequence's noise stream lives in the engine's process
 
 
@@ -108,17 +112,18 @@ class EngineProcess(Submitting):
     def submit_all(self, prompt: str, params: Listing[SamplingParams],
                    continuation: Continuation | None = None) -> list[Request]:
         ids, _ = self._checked(prompt, params, continuation)
-        with self.lock:
-            refusal = self._refusal(len(self.unadmitted), len(params))
-            if refusal:
-                self.rejected += len(params)
-                raise EngineBusy(refusal)
-            requests = [MirroredRequest(self, next(self.keys), Sequence(ids, p, self.model.vocab, NOISE_IN_ENGINE),
-                                        self.identity) for p in params]
-            for request in requests:
-                self.requests[request._key] = request
-                self.unadmitted.add(request._key)
-        self._send(("submit", [r._key for r in requests], prompt, list(params), continuation))
+        with self.sending:  # checked and sent together: a drain or close is sent before or after, not between
+            with self.lock:
+                refusal = self._refusal(len(self.unadmitted), len(params))
+                if refusal:
+                    self.rejected += len(params)
+                    raise EngineBusy(refusal)
+                requests = [MirroredRequest(self, next(self.keys), Sequence(ids, p, self.model.vocab, NOISE_IN_ENGINE),
+                                            self.identity) for p in params]
+                for request in requests:
+                    self.requests[request._key] = request
+                    self.unadmitted.add(request._key)
+            self._send_now(("submit", [r._key for r in requests], prompt, list(params), continuation))
         return requests
 
     @property
@@ -139,39 +144,47 @@ class EngineProcess(Submitting):
 
     def drain(self, timeout: float) -> bool:
         """Engine.drain in the engine's process (this thread waits for it)."""
-        self.accepting = False
-        return self.failure is None and self._call("drain", timeout)
+        self._stop_accepting()
+        try:
+            return self._call("drain", timeout)
+        except EngineBusy:  # it is gone
+            return False
 
     def close(self) -> None:
-        self.accepting = False
+        self._stop_accepting()
         try:
-            self.last_metrics = self._call("close")
+            self.last_metrics = self._call("close", timeout=60)
         except EngineBusy:
-            pass  # it is gone already
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+            self.process.kill()  # gone already, or it hangs
         self.reader.join()
+        self.conn.close()
+
+    def _stop_accepting(self) -> None:
+        with self.sending:  # after any submit being sent now
+            self.accepting = False
 
     # -- the pipe -----------------------------------------------------------------------------------
 
     def _send(self, message: tuple) -> None:
         with self.sending:
-            try:
-                self.conn.send(message)
-            except OSError:  # the child is gone: the reader fails what is in flight
-                pass
+            self._send_now(message)
 
-    def _call(self, *message: Any) -> Any:
-        """Ask the child and wait for its answer."""
+    def _send_now(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except OSError:  # the child is gone: the reader fails what is in flight
+            pass
+
+    def _call(self, *message: Any, timeout: float | None = None) -> Any:
+        """Ask the child and wait for its answer (EngineBusy if it is gone, or silent past `timeout`)."""
         key, call = next(self.keys), [threading.Event(), None]
         self.calls[key] = call
         if self.gone.is_set():  # (checked after registering: _lost ends every call it sees)
             call[1] = self.gone_error
         else:
             self._send(("call", key, *message))
-            call[0].wait()
+            if not call[0].wait(timeout):
+                call[1] = EngineBusy(f"the engine's process did not answer within {timeout:g} s")
         del self.calls[key]
         if isinstance(call[1], BaseException):
             raise call[1]
@@ -183,24 +196,31 @@ class EngineProcess(Submitting):
             while True:
                 message = self.conn.recv()
                 if message[0] == "updates":
-                    self._apply(message[1])
-                else:  # ("answer", key, value)
+                    self._apply(*message[1:])
+                elif message[1] in self.calls:  # ("answer", key, value), unless the caller stopped waiting
                     call = self.calls[message[1]]
                     call[1] = message[2]
                     call[0].set()
         except (EOFError, OSError):
             pass
-        self._lost()
+        except BaseException:  # a bug here must not leave every request waiting: the engine stops
+            log.exception("reading the engine's process failed")
+            self.process.kill()
+        finally:
+            self._lost()
 
-    def _apply(self, updates: list[tuple]) -> None:
+    def _apply(self, updates: list[tuple], failure: str | None) -> None:
+        """The requests' updates; `failure`: a stage of the engine died (its status says so from now on)."""
         now = time.monotonic()
         woken = []
         with self.lock:
+            if failure is not None:
+                self.failure, self.accepting = failure, False
             for key, chars, logprobs, admitted, prefilled, end in updates:
                 request = self.requests[key]
                 sequence = request.sequence
+                sequence.logprobs += logprobs  # first, as Sequence.accept: a reader takes them with the characters
                 sequence.chars += chars
-                sequence.logprobs += logprobs
                 if prefilled is not None:
                     sequence.cached, sequence.prompt_logprobs = prefilled
                 if admitted and request.admitted_at is None:
@@ -251,7 +271,7 @@ class PublishingEngine(Engine):
             if request in self.published:
                 updates.append(self._update(request))
         if updates:
-            self._send(("updates", updates))
+            self._send(("updates", updates, None if self.failure is None else str(self.failure)))
 
     def _update(self, request: Request) -> tuple:
         published = self.published[request]
@@ -282,12 +302,12 @@ class PublishingEngine(Engine):
             kind = message[0]
             if kind == "submit":
                 self._submit(*message[1:])
-            elif kind == "stream" and message[1] in self.by_key:
-                self.by_key[message[1]].streaming = True
-            elif kind == "cancel" and message[1] in self.by_key:
-                self.by_key[message[1]].cancel()
-            elif kind != "call":
-                continue  # a stream or cancel for a request that has ended
+            elif kind != "call":  # stream or cancel (the request may have ended meanwhile)
+                request = self.by_key.get(message[1])
+                if request is not None and kind == "stream":
+                    request.streaming = True
+                elif request is not None:
+                    request.cancel()
             elif message[2] == "drain":  # it waits for the requests in flight: the messages go on meanwhile
                 threading.Thread(target=self._answer, args=(message[1], self.drain, message[3]), daemon=True).start()
             elif message[2] == "close":  # answered with the final metrics
@@ -302,7 +322,7 @@ class PublishingEngine(Engine):
             try:
                 requests = self.submit_all(prompt, params, continuation)
             except CharrnnError as e:  # refused here though the caller's checks passed (a race with a drain)
-                self._send(("updates", [(key, [], [], False, None, ("rejected", 0, e, None)) for key in keys]))
+                self._send(("updates", [(key, [], [], False, None, ("rejected", 0, e, None)) for key in keys], None))
                 return
             for key, request in zip(keys, requests):
                 self.published[request] = [key, 0, False]

@@ -62,7 +62,9 @@ class Sequence:
         count = len(self.chars)
         if self.params.include_stop or not self._longest_stop:
             return count
-        tail = "".join(self.chars[max(0, count - self._longest_stop + 1):count])
+        # the last longest-stop characters: a whole stop string is held too, for the moment between
+        # a character joining `chars` and `accept` finishing the sequence (another thread may read then)
+        tail = "".join(self.chars[max(0, count - self._longest_stop):count])
         held = next((k for k in range(len(tail), 0, -1) if any(s.startswith(tail[-k:]) for s in self.params.stop)), 0)
         return count - held
 

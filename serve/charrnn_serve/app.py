@@ -166,7 +166,8 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
     @app.get("/health")
     async def health():
         """200 while serving; 503 while draining or if the engine's loop died (a balancer routes elsewhere)."""
-        metrics, status = engine.metrics(), engine.status
+        metrics, status = await asyncio.to_thread(lambda: (engine.metrics(), engine.status))  # EngineProcess asks
+        # its process (a round trip), which must not hold up the event loop
         return JSONResponse({"status": status, "model": name, "replica": replica,
                              "active_rows": metrics["active_rows"], "waiting_requests": metrics["waiting_requests"]},
                             status_code=200 if status == "ok" else 503)
@@ -179,7 +180,8 @@ def create_app(engine, replica=None, drain_seconds=30.0, security: SecurityOptio
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(prometheus(engine.metrics()), media_type="text/plain; version=0.0.4")
+        metrics = await asyncio.to_thread(engine.metrics)  # as /health
+        return PlainTextResponse(prometheus(metrics), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
     async def create_completion(request: Request):
