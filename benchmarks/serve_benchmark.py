@@ -196,11 +196,12 @@ def percentile(values, q):
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
-def start_server(variant, max_batch, spin, engine_process, log):
+def start_server(variant, max_batch, spin, engine_process, threads, log):
     """charrnn-serve on a free loopback port, its stderr to `log`; (process, base url) once it answers."""
     server = subprocess.Popen([sys.executable, "-m", "charrnn_serve", "--variant", variant, "--port", "0",
                                "--max-batch", str(max_batch), "--spin" if spin else "--no-spin",
-                               "--engine-process" if engine_process else "--engine-in-process"], stderr=log)
+                               "--engine-process" if engine_process else "--engine-in-process",
+                               *(["--threads", str(threads)] if threads else [])], stderr=log)
     for _ in range(600):
         found = re.search(r"http://\S+:\d+", Path(log.name).read_text())
         try:
@@ -220,6 +221,9 @@ def main():
                         help="the server's idle onnxruntime threads sleep (charrnn-serve --no-spin)")
     parser.add_argument("--engine-in-process", dest="engine_process", action="store_false",
                         help="the server's batch loop in its HTTP process (charrnn-serve --engine-in-process)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the server's onnxruntime threads (charrnn-serve --threads); "
+                             "the in-process figures use all cores")
     parser.add_argument("--chars", type=int, default=256, help="max_tokens of every request")
     parser.add_argument("--seconds", type=float, default=20, help="the measured window of each level")
     parser.add_argument("--burst", action="store_true",
@@ -230,7 +234,7 @@ def main():
 
     model = charrnn_runtime.load(variant=args.variant, provider="cpu")
     log = tempfile.NamedTemporaryFile("w", prefix="charrnn-serve-", suffix=".log", delete=False)
-    server, url = start_server(args.variant, max(levels), args.spin, args.engine_process, log)
+    server, url = start_server(args.variant, max(levels), args.spin, args.engine_process, args.threads, log)
     rows = []
     try:
         asyncio.run(load(url, server.pid, 4, True, args.chars, 1, 0.1))  # warm-up: first steps, connections
@@ -263,7 +267,7 @@ def main():
     print_table(rows)
     with open(args.json, "w") as f:
         json.dump({"variant": args.variant, "spin": args.spin, "engine_process": args.engine_process,
-                   "burst": args.burst, "chars_per_request": args.chars,
+                   "threads": args.threads, "burst": args.burst, "chars_per_request": args.chars,
                    "window_seconds": args.seconds, "machine": platform.platform(), "cpus": os.cpu_count(),
                    "load_average": os.getloadavg(), "rows": rows}, f, indent=2)
 

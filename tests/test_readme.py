@@ -48,7 +48,8 @@ VOLATILE_KEYS = {"seconds", "chars_per_second", "created", "cached_tokens"}  # c
 OTHER_TOOLS_OPTIONS = {"--data-binary", "--retry", "--retry-connrefused",  # curl
                        "--dry-run", "--upgrade", "--head", "--repeats",  # pip, ray start, benchmarks/benchmark.py
                        "--pythonpath",  # benchmarks/prefill_benchmark.py
-                       "--clients", "--burst"}  # benchmarks/serve_benchmark.py
+                       "--clients", "--burst",  # benchmarks/serve_benchmark.py
+                       "--native", "--idle"}  # py-spy
 
 
 @dataclass

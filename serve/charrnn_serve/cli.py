@@ -96,6 +96,9 @@ def origins(ctx, param, values):
               help="onnxruntime provider: cuda fails if CUDA cannot be used (with --ray: one GPU per replica).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
               help="Rows stepped together; more requests wait for a free row.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime threads per step on CPU; fewer than the cores leaves the rest to the HTTP side "
+                   "(with --engine-process).  [default: one per core]")
 @click.option("--spin/--no-spin", default=True, show_default=True,
               help="Let idle onnxruntime threads spin (faster on an idle machine) or sleep (--no-spin: better "
                    "when other processes need the cores).")
@@ -139,12 +142,12 @@ def origins(ctx, param, values):
               help="With --ray: the Ray cluster to join (e.g. 10.0.0.1:6379).  [default: start a local Ray]")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --ray: replicas, each a process with its own model and batch.")
-def main(model_path, host, port, variant, provider, max_batch, spin, stream_interval, drain_seconds, max_waiting,
-         queue_timeout, request_timeout, api_keys, api_key_file, allowed_origins, allowed_hosts, max_body_bytes,
+def main(model_path, host, port, variant, provider, max_batch, threads, spin, stream_interval, drain_seconds,
+         max_waiting, queue_timeout, request_timeout, api_keys, api_key_file, allowed_origins, allowed_hosts, max_body_bytes,
          prefix_cache_mb, state_secret_file, engine_process, use_ray, address, replicas):
     if not use_ray and (address or replicas != 1):
         raise BadInput("--address and --replicas need --ray")
-    load_options = dict(provider=provider, variant=variant, spinning=spin)
+    load_options = dict(provider=provider, variant=variant, threads=threads, spinning=spin)
     engine_options = dict(max_batch=max_batch, max_waiting=max_waiting, flush_seconds=stream_interval,
                           queue_timeout=queue_timeout, request_timeout=request_timeout,
                           prefix_cache_bytes=int(prefix_cache_mb * MIB))
