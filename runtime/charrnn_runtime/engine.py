@@ -19,7 +19,8 @@ at its end in one call; only the others (stop strings, log-probabilities, a firs
 are judged at every step, and a cancelled row stops at the window's end. A lone row of plain
 sampling runs LOOP_WINDOW steps in one call of the bundle's sampling loop, as `model.generate` does.
 With `background=True` (the default) two threads run the stages; `background=False` leaves them
-to the caller's `step()`, as onnxruntime-genai's Engine does. Each row samples with its own
+to the caller's `step()`, as onnxruntime-genai's Engine does; EngineProcess (engine_process.py) runs
+them in a process of its own, with the same caller API (Submitting, below). Each row samples with its own
 settings and noise and model.generate feeds prompts through the same prefill graph, so a request's
 text is `model.generate`'s with the same settings whatever shares the batch, for every variant
 whose rows do not interact (fp32; bundles' int8 before the fixed-scale quantization shared a scale

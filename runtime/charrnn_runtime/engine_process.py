@@ -321,7 +321,8 @@ class PublishingEngine(Engine):
         with self.changed:  # registered before any stage can wake them
             try:
                 requests = self.submit_all(prompt, params, continuation)
-            except CharrnnError as e:  # refused here though the caller's checks passed (a race with a drain)
+            except CharrnnError as e:  # refused here though the caller's checks passed (its count of waiting
+                # requests lags this one by the updates in flight, or a stage died)
                 self._send(("updates", [(key, [], [], False, None, ("rejected", 0, e, None)) for key in keys], None))
                 return
             for key, request in zip(keys, requests):
