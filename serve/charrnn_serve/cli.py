@@ -135,7 +135,8 @@ def origins(ctx, param, values):
               help="The key continuation tokens (\"return_state\") are signed with, shared by every replica and "
                    "restart that should accept them; else $CHARRNN_STATE_SECRET.  [default: random per start]")
 @click.option("--engine-process/--engine-in-process", default=True, show_default=True,
-              help="Run the batch loop in a process of its own, so that it never waits for the HTTP side's GIL "
+              help="Run the batch loop in a process of its own, so that it never waits for the HTTP side's GIL: "
+                   "a gain where the cores outnumber onnxruntime's threads (see --threads), or on a GPU "
                    "(--engine-in-process: one process, its threads taking turns).")
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Serve (needs the [ray] extra).")
 @click.option("--address", default=None,
@@ -143,8 +144,8 @@ def origins(ctx, param, values):
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --ray: replicas, each a process with its own model and batch.")
 def main(model_path, host, port, variant, provider, max_batch, threads, spin, stream_interval, drain_seconds,
-         max_waiting, queue_timeout, request_timeout, api_keys, api_key_file, allowed_origins, allowed_hosts, max_body_bytes,
-         prefix_cache_mb, state_secret_file, engine_process, use_ray, address, replicas):
+         max_waiting, queue_timeout, request_timeout, api_keys, api_key_file, allowed_origins, allowed_hosts,
+         max_body_bytes, prefix_cache_mb, state_secret_file, engine_process, use_ray, address, replicas):
     if not use_ray and (address or replicas != 1):
         raise BadInput("--address and --replicas need --ray")
     load_options = dict(provider=provider, variant=variant, threads=threads, spinning=spin)
