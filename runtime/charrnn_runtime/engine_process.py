@@ -39,7 +39,19 @@ from .sequence import Sequence
 from .state import Continuation
 
 log = logging.getLogger(__name__)
-NOISE_IN_ENGINE = object()  # a mirror never samples: its Sequence's noise stream lives in the engine's process
+NOISE_IN_ENGINE: Any = object()  # a mirror never samples: its Sequence's noise stream lives in the engine's process
+
+
+class Call:
+    """A question to the child, and its answer once it comes."""
+
+    def __init__(self) -> None:
+        self.answered = threading.Event()
+        self.answer: Any = None
+
+    def give(self, answer: Any) -> None:
+        self.answer = answer
+        self.answered.set()
 
 
 class MirroredRequest(Request):
@@ -87,7 +99,7 @@ class EngineProcess(Submitting):
         self.keys = itertools.count()
         self.lock = threading.Lock()  # the tables above
         self.sending = threading.Lock()
-        self.calls: dict[int, list] = {}  # call key → [event, reply]
+        self.calls: dict[int, Call] = {}  # waiting for the child's answer, by key
         # A fresh interpreter (never a fork of one that runs onnxruntime threads, and unlike
         # multiprocessing's spawn it does not import the caller's __main__ again), its end of a socket pair.
         ours, theirs = socket.socketpair()
@@ -118,13 +130,13 @@ class EngineProcess(Submitting):
                 if refusal:
                     self.rejected += len(params)
                     raise EngineBusy(refusal)
-                requests = [MirroredRequest(self, next(self.keys), Sequence(ids, p, self.model.vocab, NOISE_IN_ENGINE),
-                                            self.identity) for p in params]
-                for request in requests:
-                    self.requests[request._key] = request
-                    self.unadmitted.add(request._key)
-            self._send_now(("submit", [r._key for r in requests], prompt, list(params), continuation))
-        return requests
+                keys = [next(self.keys) for _ in params]
+                mirrors = [MirroredRequest(self, key, Sequence(ids, p, self.model.vocab, NOISE_IN_ENGINE), self.identity)
+                           for key, p in zip(keys, params)]
+                self.requests.update(zip(keys, mirrors))
+                self.unadmitted.update(keys)
+            self._send_now(("submit", keys, prompt, list(params), continuation))
+        return list(mirrors)
 
     @property
     def status(self) -> str:
@@ -177,18 +189,18 @@ class EngineProcess(Submitting):
 
     def _call(self, *message: Any, timeout: float | None = None) -> Any:
         """Ask the child and wait for its answer (EngineBusy if it is gone, or silent past `timeout`)."""
-        key, call = next(self.keys), [threading.Event(), None]
+        key, call = next(self.keys), Call()
         self.calls[key] = call
         if self.gone.is_set():  # (checked after registering: _lost ends every call it sees)
-            call[1] = self.gone_error
+            call.answer = self.gone_error
         else:
             self._send(("call", key, *message))
-            if not call[0].wait(timeout):
-                call[1] = EngineBusy(f"the engine's process did not answer within {timeout:g} s")
+            if not call.answered.wait(timeout):
+                call.answer = EngineBusy(f"the engine's process did not answer within {timeout:g} s")
         del self.calls[key]
-        if isinstance(call[1], BaseException):
-            raise call[1]
-        return call[1]
+        if isinstance(call.answer, BaseException):
+            raise call.answer
+        return call.answer
 
     def _read(self) -> None:
         """The reader thread: apply the engine's updates and answers until its process ends."""
@@ -198,9 +210,7 @@ class EngineProcess(Submitting):
                 if message[0] == "updates":
                     self._apply(*message[1:])
                 elif message[1] in self.calls:  # ("answer", key, value), unless the caller stopped waiting
-                    call = self.calls[message[1]]
-                    call[1] = message[2]
-                    call[0].set()
+                    self.calls[message[1]].give(message[2])
         except (EOFError, OSError):
             pass
         except BaseException:  # a bug here must not leave every request waiting: the engine stops
@@ -250,8 +260,7 @@ class EngineProcess(Submitting):
             request.sequence.finish("error")
         wake(left, time.monotonic())
         for call in list(self.calls.values()):
-            call[1] = error
-            call[0].set()
+            call.give(error)
 
 
 class PublishingEngine(Engine):
@@ -310,8 +319,8 @@ class PublishingEngine(Engine):
                     request.cancel()
             elif message[2] == "drain":  # it waits for the requests in flight: the messages go on meanwhile
                 threading.Thread(target=self._answer, args=(message[1], self.drain, message[3]), daemon=True).start()
-            elif message[2] == "close":  # answered with the final metrics
-                self._answer(message[1], lambda: (self.close(), self.metrics())[1])
+            elif message[2] == "close":
+                self._answer(message[1], self._close_and_count)
                 return
             else:
                 self._answer(message[1], {"status": lambda: self.status, "metrics": self.metrics}[message[2]])
@@ -328,6 +337,11 @@ class PublishingEngine(Engine):
             for key, request in zip(keys, requests):
                 self.published[request] = [key, 0, False]
                 self.by_key[key] = request
+
+    def _close_and_count(self) -> dict[str, Any]:
+        """Close, and answer with the final metrics (the caller's, once this process is gone)."""
+        self.close()
+        return self.metrics()
 
     def _answer(self, key: int, call, *args: Any) -> None:
         try:
