@@ -5,6 +5,7 @@ caller's process and EngineProcess (the same Engine in a process of its own)."""
 
 import asyncio
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -273,7 +274,6 @@ def test_an_engine_process_that_dies_fails_what_it_runs_at_once_and_says_so(mode
 def test_an_engine_process_outlives_a_ctrl_c_and_ends_with_its_caller(model):
     """Ctrl-C reaches the whole process group: the caller drains and closes its engine, which must not
     die first. If the caller dies without closing it, the engine's process ends with the pipe."""
-    import signal
     with EngineProcess(model) as engine:
         os.kill(engine.process.pid, signal.SIGINT)
         assert engine.submit("", 20, seed=1).result(timeout=10).text == model.generate("", 20, seed=1)
