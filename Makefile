@@ -107,7 +107,6 @@ ABLATION_no-weight-decay = --weight-decay 0
 ABLATION_no-average = --average none
 ABLATION_with-embedding-dropout = --embedding-dropout 0.1
 ABLATION_seed-2 = --seed 2
-ABLATION_no-locked-dropout-seed-2 = --no-locked-dropout --seed 2  # the best run's second seed (README)
 ablation-%: $(VENV)/.dev
 	$(call train_export_score,shakespeare-gru2x512-awd-$*,$(GRU2X512_AWD) $(ABLATION_$*))
 
