@@ -37,6 +37,7 @@ import httpx
 
 import charrnn_runtime
 from charrnn_runtime.engine import Engine
+from charrnn_runtime.engine_pool import EnginePool
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIMES = ["ROMEO: ", "JULIET:\n", "First Citizen:\n", "KING RICHARD III:\nNow is the ", ""]
@@ -55,10 +56,16 @@ def in_process(model, clients, chars):
     return statistics.median(once() for _ in range(3))
 
 
-def in_engine(model, clients, chars, rounds=3):
+def in_engine(model, clients, chars, engines, rounds=3):
     """Characters/s of the runtime's Engine (the server's batch loop, no HTTP) with `clients` rows, fed
-    rounds × clients requests at once so that a freed row takes the next at once."""
-    with Engine(model, max_batch=clients, max_waiting=rounds * clients) as engine:
+    rounds × clients requests at once so that a freed row takes the next at once; as the server's:
+    `engines` > 1, an EnginePool (each engine with its share of the cores)."""
+    if engines > 1:
+        model = charrnn_runtime.load(variant=model.variant, provider="cpu", threads=max(1, os.cpu_count() // engines))
+        engine = EnginePool(model, engines, max_batch=max(clients, engines), max_waiting=rounds * max(clients, engines))
+    else:
+        engine = Engine(model, max_batch=clients, max_waiting=rounds * clients)
+    with engine:
         engine.submit(PRIMES[0], chars).result()  # warm-up
         started = time.perf_counter()
         requests = [engine.submit(PRIMES[i % len(PRIMES)], chars, seed=i) for i in range(rounds * clients)]
@@ -196,12 +203,13 @@ def percentile(values, q):
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
-def start_server(variant, max_batch, spin, engine_process, threads, log):
+def start_server(variant, max_batch, spin, engine_process, threads, engines, log):
     """charrnn-serve on a free loopback port, its stderr to `log`; (process, base url) once it answers."""
     server = subprocess.Popen([sys.executable, "-m", "charrnn_serve", "--variant", variant, "--port", "0",
                                "--max-batch", str(max_batch), "--spin" if spin else "--no-spin",
                                "--engine-process" if engine_process else "--engine-in-process",
-                               *(["--threads", str(threads)] if threads else [])], stderr=log)
+                               "--engines", str(engines), *(["--threads", str(threads)] if threads else [])],
+                              stderr=log)
     for _ in range(600):
         found = re.search(r"http://\S+:\d+", Path(log.name).read_text())
         try:
@@ -224,6 +232,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="the server's onnxruntime threads (charrnn-serve --threads); "
                              "the in-process figures use all cores")
+    parser.add_argument("--engines", type=int, default=1, help="the server's engines (charrnn-serve --engines)")
     parser.add_argument("--chars", type=int, default=256, help="max_tokens of every request")
     parser.add_argument("--seconds", type=float, default=20, help="the measured window of each level")
     parser.add_argument("--burst", action="store_true",
@@ -234,13 +243,13 @@ def main():
 
     model = charrnn_runtime.load(variant=args.variant, provider="cpu")
     log = tempfile.NamedTemporaryFile("w", prefix="charrnn-serve-", suffix=".log", delete=False)
-    server, url = start_server(args.variant, max(levels), args.spin, args.engine_process, args.threads, log)
+    server, url = start_server(args.variant, max(levels), args.spin, args.engine_process, args.threads, args.engines, log)
     rows = []
     try:
         asyncio.run(load(url, server.pid, 4, True, args.chars, 1, 0.1))  # warm-up: first steps, connections
         for clients in levels:
             before = in_process(model, clients, args.chars)  # around the level: this machine's speed drifts
-            engine = in_engine(model, clients, args.chars)
+            engine = in_engine(model, clients, args.chars, args.engines)
             request_seconds = args.chars * clients / before
             level = []
             for stream in (False, True):
@@ -267,7 +276,7 @@ def main():
     print_table(rows)
     with open(args.json, "w") as f:
         json.dump({"variant": args.variant, "spin": args.spin, "engine_process": args.engine_process,
-                   "threads": args.threads, "burst": args.burst, "chars_per_request": args.chars,
+                   "threads": args.threads, "engines": args.engines, "burst": args.burst, "chars_per_request": args.chars,
                    "window_seconds": args.seconds, "machine": platform.platform(), "cpus": os.cpu_count(),
                    "load_average": os.getloadavg(), "rows": rows}, f, indent=2)
 

@@ -4,6 +4,7 @@ Each test that needs no patching of the engine's insides runs for both engines: 
 caller's process and EngineProcess (the same Engine in a process of its own)."""
 
 import asyncio
+import functools
 import os
 import signal
 import threading
@@ -16,6 +17,7 @@ import pytest
 import charrnn_runtime
 from charrnn_runtime import CharrnnError
 from charrnn_runtime.engine import Completion, Engine, EngineBusy
+from charrnn_runtime.engine_pool import EnginePool
 from charrnn_runtime.engine_process import EngineProcess
 from charrnn_runtime.stepper import Stepper
 from conftest import run_python
@@ -26,8 +28,17 @@ def model(model_path):
     return charrnn_runtime.load(model_path, provider="cpu")
 
 
-@pytest.fixture(params=[Engine, EngineProcess], ids=["in-process", "own-process"])
+POOL = functools.partial(EnginePool, engines=2)
+
+
+@pytest.fixture(params=[Engine, EngineProcess, POOL], ids=["in-process", "own-process", "pool"])
 def engine_type(request):
+    return request.param
+
+
+@pytest.fixture(params=[Engine, EngineProcess], ids=["in-process", "own-process"])
+def one_engine_type(request):
+    """For tests of one row (a pool has one per engine at least)."""
     return request.param
 
 
@@ -181,8 +192,8 @@ def test_bad_requests_are_refused_at_once(engine, kwargs, message):
     assert engine.metrics()["waiting_requests"] == 0
 
 
-def test_a_full_queue_refuses_with_busy(model, engine_type):
-    with engine_type(model, max_batch=1, max_waiting=2, max_length=100_000) as engine:
+def test_a_full_queue_refuses_with_busy(model, one_engine_type):
+    with one_engine_type(model, max_batch=1, max_waiting=2, max_length=100_000) as engine:
         running = engine.submit("", 100_000)
         while engine.metrics()["active_rows"] == 0:
             time.sleep(0.001)
@@ -238,6 +249,19 @@ def test_drain_finishes_what_runs_and_refuses_new_requests(model, engine_type):
         assert endless.result(timeout=10).finish_reason == "cancelled"
 
 
+def test_drain_waits_for_a_prompt_being_fed(model, monkeypatch):
+    """A request whose prompt is being fed is in no queue and in no row: drain still waits for it."""
+    import charrnn_runtime.engine as engine_module
+    feed = engine_module.prefill
+    monkeypatch.setattr(engine_module, "prefill", lambda *args: (time.sleep(0.5), feed(*args))[1])
+    with Engine(model) as engine:
+        running = engine.submit("ROMEO: ", 20, seed=2)
+        time.sleep(0.1)  # being fed now
+        assert engine.metrics()["waiting_requests"] == 1
+        assert engine.drain(timeout=60)
+        assert running.done and running.result().text == model.generate("ROMEO: ", 20, seed=2)
+
+
 def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(model, monkeypatch):
     with Engine(model) as engine:
         with monkeypatch.context() as patched:  # a fault injected into the model's step
@@ -248,8 +272,8 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(model, m
         assert engine.metrics()["requests_total"]["error"] == 1
 
 
-def test_closing_the_engine_cancels_everything(model, engine_type):
-    engine = engine_type(model, max_batch=1, max_length=10_000_000)
+def test_closing_the_engine_cancels_everything(model, one_engine_type):
+    engine = one_engine_type(model, max_batch=1, max_length=10_000_000)
     running, queued = engine.submit("", 10_000_000), engine.submit("", 10)
     engine.close()
     assert running.result(timeout=10).finish_reason == queued.result(timeout=10).finish_reason == "cancelled"
@@ -303,3 +327,53 @@ def pid_alive(pid):
 def test_an_engine_process_refuses_bad_options_at_once(model):
     with pytest.raises(CharrnnError, match="max_batch must be >= 1"):
         EngineProcess(model, max_batch=0)
+
+
+def test_a_pool_spreads_requests_over_its_engines_and_adds_up_their_metrics(model):
+    requests = random_requests(model, 16, seed=3)
+    with EnginePool(model, engines=2, max_batch=16) as pool:
+        handles = [pool.submit(p, n, **s) for p, n, s in requests]
+        assert [engine.in_flight() for engine in pool.engines] == [8, 8]
+        assert [h.result(timeout=60).text for h in handles] == [model.generate(p, n, **s) for p, n, s in requests]
+        each, total = [engine.metrics() for engine in pool.engines], pool.metrics()
+    assert [m["max_batch"] for m in each] == [8, 8] and total["max_batch"] == 16
+    for name in ("generated_chars_total", "steps_total", "batch_rows_sum"):
+        assert total[name] == sum(m[name] for m in each) > 0
+    assert sum(total["requests_total"].values()) == 16
+    latency = total["e2e_request_latency_seconds"]
+    assert latency["count"] == 16 and latency["buckets"][-1][1] == 16
+
+
+def test_a_pool_sends_a_long_prompt_where_its_beginning_is_cached(model):
+    """Each engine has its own prefix cache: a prompt whose first 256 characters went to one engine
+    goes there again (while it is not much busier than the other), and its prefill starts from them."""
+    preamble = "".join(model.vocab[i % len(model.vocab)] for i in range(300))
+    with EnginePool(model, engines=2, max_batch=8, max_length=10_000_000) as pool:
+        first = pool.submit(preamble + "A", 5, seed=1)
+        home = next(engine for engine in pool.engines if engine.in_flight())
+        assert first.result(timeout=60).cached_chars == 0
+        busy = home.submit("", 10_000_000, seed=1)  # its home one request busier than the other engine
+        again = pool.submit(preamble + "B", 5, seed=2)
+        assert home.in_flight() == 2 and again.result(timeout=60).cached_chars == 256
+        busy.cancel()
+
+
+def test_a_pool_serves_on_when_one_engine_dies(model):
+    with EnginePool(model, engines=2, max_length=10_000_000) as pool:
+        running = [pool.submit("", 10_000_000, seed=i) for i in range(2)]  # one on each
+        pool.engines[0].process.kill()
+        with pytest.raises(EngineBusy, match="its process exited"):
+            running[0].result(timeout=10)
+        assert pool.status == "failed"  # a balancer routes elsewhere; meanwhile the other engine serves
+        assert pool.submit("", 20, seed=1).result(timeout=10).text == model.generate("", 20, seed=1)
+        running[1].cancel()
+
+
+def test_a_pool_refuses_bad_options_at_once(model):
+    with pytest.raises(CharrnnError, match="engines must be >= 1"):
+        EnginePool(model, engines=0)
+    with pytest.raises(CharrnnError, match="max_batch must be >= engines") as refused:
+        EnginePool(model, engines=4, max_batch=3)
+    assert refused.value.param == "max_batch"
+    with pytest.raises(CharrnnError, match="max_length must be >= 1"):
+        EnginePool(model, engines=2, max_length=0)

@@ -217,8 +217,9 @@ def test_importing_the_runtime_and_its_engine_loads_no_cli_web_or_tensorflow_mod
 import sys
 import charrnn_runtime
 from charrnn_runtime.engine import LOOP_WINDOW, WINDOW, Engine
+from charrnn_runtime.engine_pool import EnginePool
 from charrnn_runtime.engine_process import EngineProcess
-for kind in (Engine, EngineProcess):
+for kind in (Engine, EngineProcess, EnginePool):
     with kind(charrnn_runtime.load({str(SHIPPED)!r}, provider="cpu")) as engine:
         engine.submit("", 5, seed=0).result()
 heavy = ("click", "fastapi", "starlette", "uvicorn", "ray", "charrnn_serve", "tensorflow", "keras", "tf2onnx", "onnx")

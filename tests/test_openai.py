@@ -20,6 +20,7 @@ from test_serve import serving, wait_until_idle  # noqa: E402
 import charrnn_runtime  # noqa: E402
 from charrnn_runtime import bundle  # noqa: E402
 from charrnn_runtime.engine import Engine  # noqa: E402
+from charrnn_runtime.engine_pool import EnginePool  # noqa: E402
 from charrnn_runtime.engine_process import EngineProcess  # noqa: E402
 from charrnn_runtime.stepper import Stepper  # noqa: E402
 
@@ -35,9 +36,10 @@ def model(model_path):
     return charrnn_runtime.load(model_path, provider="cpu")
 
 
-@pytest.fixture(scope="module", params=[Engine, EngineProcess], ids=["in-process", "own-process"])
+@pytest.fixture(scope="module", params=[Engine, EngineProcess, functools.partial(EnginePool, engines=2)],
+                ids=["in-process", "own-process", "pool"])
 def server(model, request):
-    """The server over either engine: the batch loop in its process, or in one of its own (the default)."""
+    """The server over each engine: the batch loop in its process, in one of its own (the default), or two."""
     with serving(model, request.param, max_length=1000) as running:
         yield running
 

@@ -203,8 +203,9 @@ def test_engine_busy_is_503_with_retry_after(shipped):
         assert wait_until_idle(engine)["active_rows"] == 0
 
 
-def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0():
-    with charrnn_serve("--drain-seconds", "60") as (server, url):
+@pytest.mark.parametrize("engines", ["1", "2"])
+def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(engines):
+    with charrnn_serve("--drain-seconds", "60", "--engines", engines) as (server, url):
         with httpx.Client(base_url=url, timeout=60) as client:
             body = {"prompt": "ROMEO: ", "max_tokens": 1500, "stream": True, "seed": 2}
             with client.stream("POST", "/v1/completions", json=body) as response:
@@ -230,6 +231,10 @@ def test_cli_bad_input_is_one_line_and_exit_code_2():
     assert_one_line_error(runner.invoke(cli.main, ["--model", "nowhere"]), "model not found: nowhere")
     assert_one_line_error(runner.invoke(cli.main, ["--replicas", "2"]), "need --ray")
     assert_one_line_error(runner.invoke(cli.main, ["--max-batch", "0"]), "--max-batch")
+    assert_one_line_error(runner.invoke(cli.main, ["--engines", "2", "--engine-in-process", "--port", "0"]),
+                          "more than one engine needs --engine-process")
+    assert_one_line_error(runner.invoke(cli.main, ["--engines", "4", "--max-batch", "2", "--port", "0"]),
+                          "max_batch must be >= engines")
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = str(taken.getsockname()[1])
         assert_one_line_error(runner.invoke(cli.main, ["--port", port]), f"cannot listen on 127.0.0.1:{port}")

@@ -15,12 +15,14 @@ __version__ = "0.1.0"
 
 _API = {"load": "model", "Model": "model", "State": "state", "Generator": "generator",
         "SamplingParams": "params", "Sequence": "sequence", "Continuation": "state", "CharrnnError": "errors", "DEFAULT_MODEL": "bundle",
-        "Engine": "engine", "EngineBusy": "engine", "Completion": "engine", "EngineProcess": "engine_process"}
+        "Engine": "engine", "EngineBusy": "engine", "Completion": "engine", "EngineProcess": "engine_process",
+        "EnginePool": "engine_pool"}
 __all__ = list(_API)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see of the lazy API
     from .bundle import DEFAULT_MODEL
     from .engine import Completion, Engine, EngineBusy
+    from .engine_pool import EnginePool
     from .engine_process import EngineProcess
     from .errors import CharrnnError
     from .generator import Generator

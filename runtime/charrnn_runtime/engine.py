@@ -220,6 +220,7 @@ class Engine(Submitting):
         self.flush_seconds, self.queue_timeout, self.request_timeout = flush_seconds, queue_timeout, request_timeout
         self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.jobs: collections.deque[Job] = collections.deque()  # waiting for their prompt to be fed
+        self.feeding: Job | None = None  # the job whose prompt is being fed now (outside the lock)
         self.ready: collections.deque[Request] = collections.deque()  # prompt fed, waiting for a row
         self.rows: list[Request] = []  # the requests in the batch, in row order
         self.stepper: Stepper | None = None  # the batch's state, one row per request
@@ -358,7 +359,7 @@ class Engine(Submitting):
         with self.changed:
             if not self.jobs:
                 return False
-            job = self.jobs.popleft()
+            job = self.feeding = self.jobs.popleft()
             now = time.monotonic()
             self._expire(job.requests, now)
             live = [r for r in job.requests if not (r.cancelled or r.sequence.finished)]
@@ -370,9 +371,11 @@ class Engine(Submitting):
                 fed = prefill(self.model, job.text, job.ids, job.start, self.cache, logits)
             except Exception as e:  # noqa: BLE001 - the requests' readers get it; the engine serves on
                 with self.changed:
+                    self.feeding = None
                     self._fail(live, e if isinstance(e, CharrnnError) else CharrnnError(f"prefill failed: {e}"))
                 return True
         with self.changed:
+            self.feeding = None
             if live:
                 self.counters["prompt_chars_total"] += fed.fed
                 self.counters["prefix_cache_hits_total"] += fed.cached > 0
@@ -407,7 +410,7 @@ class Engine(Submitting):
         except BaseException as e:
             with self.changed:
                 self.failure, self.accepting, self.running = e, False, False
-                failed = [*self.rows, *self.ready, *(r for job in self.jobs for r in job.requests)]
+                failed = [*self.rows, *self.ready, *self._queued()]
                 self.rows, self.stepper, self.ready = [], None, collections.deque()
                 self.jobs.clear()
                 self._fail(failed, EngineBusy(f"the engine stopped: {e}"))
@@ -584,7 +587,12 @@ class Engine(Submitting):
         return GumbelNoise([params.seed], len(self.model.vocab), start)
 
     def _waiting(self) -> int:
-        return sum(len(job.requests) for job in self.jobs) + len(self.ready)
+        return len(self._queued()) + len(self.ready)
+
+    def _queued(self) -> list[Request]:
+        """The requests waiting for their prompt to be fed, or being fed now."""
+        jobs = self.jobs if self.feeding is None else [self.feeding, *self.jobs]
+        return [request for job in jobs for request in job.requests]
 
     def _finish(self, request: Request, reason: str) -> None:
         """End a request from outside its Sequence (cancelled, timed out, failed, refused)."""
@@ -605,13 +613,13 @@ class Engine(Submitting):
 
     def _busy(self) -> bool:
         with self.changed:
-            return bool(self.rows or self.ready or self.jobs)
+            return bool(self.rows or self.ready or self.jobs or self.feeding)
 
     def _cancel_all(self) -> None:
         """End everything queued or running as cancelled (the engine closes or a drain timed out).
         While threads run they evict them at their next step (they may be stepping them now)."""
         with self.changed:
-            for request in (*self.rows, *self.ready, *(r for job in self.jobs for r in job.requests)):
+            for request in (*self.rows, *self.ready, *self._queued()):
                 request.cancel()
             if not any(thread.is_alive() for thread in self.threads):
                 for job in self.jobs:

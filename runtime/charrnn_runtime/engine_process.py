@@ -171,6 +171,10 @@ class EngineProcess(Submitting):
         self.reader.join()
         self.conn.close()
 
+    def in_flight(self) -> int:
+        """Requests submitted and not finished (EnginePool sends the next submission to the engine with fewest)."""
+        return len(self.requests)
+
     def _stop_accepting(self) -> None:
         with self.sending:  # after any submit being sent now
             self.accepting = False

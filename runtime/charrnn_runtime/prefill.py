@@ -23,7 +23,9 @@ class PrefixCache:
     """States after prompt prefixes, keyed by (model sha256, variant, text), least recently used
     out first, bounded in bytes (the states and their keys' text)."""
 
-    def __init__(self, max_bytes: int, interval: int = 256) -> None:
+    INTERVAL = 256
+
+    def __init__(self, max_bytes: int, interval: int = INTERVAL) -> None:
         self.max_bytes, self.interval = max_bytes, interval
         self.entries: collections.OrderedDict[tuple, tuple[State, int]] = collections.OrderedDict()
         self.bytes = 0

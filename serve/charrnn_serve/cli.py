@@ -97,8 +97,8 @@ def origins(ctx, param, values):
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
               help="Rows stepped together; more requests wait for a free row.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="onnxruntime threads per step on CPU; fewer than the cores leaves the rest to the HTTP side "
-                   "(with --engine-process).  [default: one per core]")
+              help="onnxruntime threads per step on CPU (per engine); fewer than the cores leaves the rest to the "
+                   "HTTP side (with --engine-process).  [default: the cores shared among the engines]")
 @click.option("--spin/--no-spin", default=True, show_default=True,
               help="Let idle onnxruntime threads spin (faster on an idle machine) or sleep (--no-spin: better "
                    "when other processes need the cores).")
@@ -134,6 +134,10 @@ def origins(ctx, param, values):
 @click.option("--state-secret-file", type=click.Path(dir_okay=False), callback=lambda c, p, v: secret_file(v),
               help="The key continuation tokens (\"return_state\") are signed with, shared by every replica and "
                    "restart that should accept them; else $CHARRNN_STATE_SECRET.  [default: random per start]")
+@click.option("--engines", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Engines, each a process with its share of the cores (unless --threads), of --max-batch and "
+                   "of --max-waiting; a request goes to the least busy. On CPU, one engine's Python overlaps "
+                   "another's model step.")
 @click.option("--engine-process/--engine-in-process", default=True, show_default=True,
               help="Run the batch loop in a process of its own, so that it never waits for the HTTP side's GIL: "
                    "a gain where the cores outnumber onnxruntime's threads (see --threads), or on a GPU "
@@ -145,7 +149,7 @@ def origins(ctx, param, values):
               help="With --ray: replicas, each a process with its own model and batch.")
 def main(model_path, host, port, variant, provider, max_batch, threads, spin, stream_interval, drain_seconds,
          max_waiting, queue_timeout, request_timeout, api_keys, api_key_file, allowed_origins, allowed_hosts,
-         max_body_bytes, prefix_cache_mb, state_secret_file, engine_process, use_ray, address, replicas):
+         max_body_bytes, prefix_cache_mb, state_secret_file, engines, engine_process, use_ray, address, replicas):
     if not use_ray and (address or replicas != 1):
         raise BadInput("--address and --replicas need --ray")
     load_options = dict(provider=provider, variant=variant, threads=threads, spinning=spin)
@@ -166,12 +170,10 @@ def main(model_path, host, port, variant, provider, max_batch, threads, spin, st
             require_extra("ray", "charrnn-serve --ray")
         with cli_errors():
             run(model_path, host, port, load_options, engine_options, drain_seconds, address, replicas, security,
-                engine_process, note_random_secret if random_secret else None)
+                engines, engine_process, note_random_secret if random_secret else None)
         return
     try:
-        from charrnn_runtime import load
-        from charrnn_runtime.engine import Engine
-        from charrnn_runtime.engine_process import EngineProcess
+        from .engines import start_engine
     except ImportError as e:
         require_onnxruntime("charrnn-serve", e)
     try:
@@ -180,17 +182,17 @@ def main(model_path, host, port, variant, provider, max_batch, threads, spin, st
     except ImportError:
         require_extra("serve", "charrnn-serve")
     with cli_errors():
-        model = load(model_path, **load_options)
         listening = listen(host, port)
+        engine = start_engine(model_path, load_options, engine_options, engines, engine_process)
+    model = engine.model
     if model.cpu_reason:
         click.echo(f"note: running on CPU: {model.cpu_reason}", err=True)
     if random_secret:
         note_random_secret()
-    with cli_errors():
-        engine = (EngineProcess if engine_process else Engine)(model, **engine_options)
     app = create_app(engine, drain_seconds=drain_seconds, security=security)
     host, port = listening.getsockname()[:2]
-    click.echo(f"charrnn-serve: {model.path.name} ({model.variant} on {model.provider}, max batch {max_batch}) "
+    pool = f", {engines} engines" if engines > 1 else ""
+    click.echo(f"charrnn-serve: {model.path.name} ({model.variant} on {model.provider}, max batch {max_batch}{pool}) "
                f"at http://{host}:{port}/v1{' (API key required)' if security.api_keys else ''}", err=True)
     serve(app, engine, listening, drain_seconds)
 

@@ -12,26 +12,25 @@ import threading
 
 from ray import serve
 
-from charrnn_runtime import bundle, load
-from charrnn_runtime.engine import Engine
-from charrnn_runtime.engine_process import EngineProcess
+from charrnn_runtime import bundle
 
 from .app import create_app
+from .engines import start_engine
 
 NAME = "charrnn"
 
 
 def deployment(model=None, load_options=None, engine_options=None, drain_seconds=30.0, replicas=1, security=None,
-               engine_process=True):
+               engines=1, engine_process=True):
     """The bound Ray Serve application (pass it to serve.run); `model`: a path every node has, or None
     for each replica's packaged model; the options go to charrnn_runtime.load and Engine, and `security`
-    (SecurityOptions, keys included) to each replica's create_app. engine_process: each replica's
-    batch loop in a process of its own (EngineProcess), as charrnn-serve's."""
+    (SecurityOptions, keys included) to each replica's create_app. engines, engine_process: each
+    replica's engines, as charrnn-serve's (engines.py)."""
     load_options, engine_options = load_options or {}, engine_options or {}
 
     def build_app():  # runs in each replica's process
         replica = serve.get_replica_context().replica_id.to_full_id_str()  # its actor name
-        engine = (EngineProcess if engine_process else Engine)(load(model, **load_options), **engine_options)
+        engine = start_engine(model, load_options, engine_options, engines, engine_process)
         return create_app(engine, replica, drain_seconds, security)
 
     ingress = serve.deployment(
@@ -41,8 +40,8 @@ def deployment(model=None, load_options=None, engine_options=None, drain_seconds
     return ingress.bind()
 
 
-def run(model, host, port, load_options, engine_options, drain_seconds, address, replicas, security, engine_process,
-        note=None):
+def run(model, host, port, load_options, engine_options, drain_seconds, address, replicas, security, engines,
+        engine_process, note=None):
     """charrnn-serve --ray: deploy, print where, serve until SIGTERM/SIGINT, then shut Serve down.
     `note`: called once the model is found (the CLI's warnings)."""
     import ray
@@ -55,7 +54,7 @@ def run(model, host, port, load_options, engine_options, drain_seconds, address,
         serve.start(http_options={"host": host, "port": port})
         # replicas may run on other machines: the same absolute path must hold the model there
         serve.run(deployment(str(path.resolve()), load_options, engine_options, drain_seconds, replicas, security,
-                             engine_process), name=NAME, route_prefix="/")
+                             engines, engine_process), name=NAME, route_prefix="/")
         print(f"charrnn-serve: {replicas} replica(s) on Ray at http://{host}:{port}/v1"
               f"{' (API key required)' if security.api_keys else ''}", flush=True)
         stop = threading.Event()
