@@ -12,9 +12,10 @@ its whole response), errors, the cores used by the server (all of it, and its ev
 side) and by this client, the ratio to the in-process figure at the same batch size (`model.generate`
 for one client, `model.generate_batch(num_samples=clients)` otherwise, measured in this process
 before and after each level while the server idles: their mean), the same ratio for the runtime's
-Engine alone (the server's batch loop without HTTP: what the engine itself costs), and the ceiling
-of the ratio on this machine: the in-process figure again while other processes keep busy as many
-cores as the server's event loop and the client used.
+Engine alone (the server's batch loop without HTTP, as many engines as the server's: what the
+engine itself costs), and the ceiling of the ratio on this machine for one engine: the in-process
+figure again while other processes keep busy as many cores as the server's event loop and the
+client used.
 """
 
 import argparse
@@ -37,7 +38,7 @@ import httpx
 
 import charrnn_runtime
 from charrnn_runtime.engine import Engine
-from charrnn_runtime.engine_pool import EnginePool
+from charrnn_runtime.engine_pool import EnginePool, cores
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIMES = ["ROMEO: ", "JULIET:\n", "First Citizen:\n", "KING RICHARD III:\nNow is the ", ""]
@@ -58,11 +59,13 @@ def in_process(model, clients, chars):
 
 def in_engine(model, clients, chars, engines, rounds=3):
     """Characters/s of the runtime's Engine (the server's batch loop, no HTTP) with `clients` rows, fed
-    rounds × clients requests at once so that a freed row takes the next at once; as the server's:
-    `engines` > 1, an EnginePool (each engine with its share of the cores)."""
+    rounds × clients requests at once so that a freed row takes the next at once; with `engines` > 1
+    as the server's pool: an EnginePool, or below one client per engine, one of its engines (its
+    share of the cores)."""
     if engines > 1:
-        model = charrnn_runtime.load(variant=model.variant, provider="cpu", threads=max(1, os.cpu_count() // engines))
-        engine = EnginePool(model, engines, max_batch=max(clients, engines), max_waiting=rounds * max(clients, engines))
+        model = charrnn_runtime.load(variant=model.variant, provider="cpu", threads=max(1, cores() // engines))
+    if clients >= engines > 1:
+        engine = EnginePool(model, engines, max_batch=clients, max_waiting=rounds * clients)
     else:
         engine = Engine(model, max_batch=clients, max_waiting=rounds * clients)
     with engine:
@@ -208,7 +211,8 @@ def start_server(variant, max_batch, spin, engine_process, threads, engines, log
     server = subprocess.Popen([sys.executable, "-m", "charrnn_serve", "--variant", variant, "--port", "0",
                                "--max-batch", str(max_batch), "--spin" if spin else "--no-spin",
                                "--engine-process" if engine_process else "--engine-in-process",
-                               "--engines", str(engines), *(["--threads", str(threads)] if threads else [])],
+                               *(["--engines", str(engines)] if engines else []),
+                               *(["--threads", str(threads)] if threads else [])],
                               stderr=log)
     for _ in range(600):
         found = re.search(r"http://\S+:\d+", Path(log.name).read_text())
@@ -232,7 +236,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="the server's onnxruntime threads (charrnn-serve --threads); "
                              "the in-process figures use all cores")
-    parser.add_argument("--engines", type=int, default=1, help="the server's engines (charrnn-serve --engines)")
+    parser.add_argument("--engines", type=int, default=None,
+                        help="the server's engines (charrnn-serve --engines; default: the server's default)")
     parser.add_argument("--chars", type=int, default=256, help="max_tokens of every request")
     parser.add_argument("--seconds", type=float, default=20, help="the measured window of each level")
     parser.add_argument("--burst", action="store_true",
@@ -244,12 +249,14 @@ def main():
     model = charrnn_runtime.load(variant=args.variant, provider="cpu")
     log = tempfile.NamedTemporaryFile("w", prefix="charrnn-serve-", suffix=".log", delete=False)
     server, url = start_server(args.variant, max(levels), args.spin, args.engine_process, args.threads, args.engines, log)
+    engines = int(float(re.search(r"^charrnn_engines (\S+)$", httpx.get(f"{url}/metrics").text, re.M).group(1)))
+    print(f"charrnn-serve at {url}: {engines} engine(s)", file=sys.stderr)
     rows = []
     try:
         asyncio.run(load(url, server.pid, 4, True, args.chars, 1, 0.1))  # warm-up: first steps, connections
         for clients in levels:
             before = in_process(model, clients, args.chars)  # around the level: this machine's speed drifts
-            engine = in_engine(model, clients, args.chars, args.engines)
+            engine = in_engine(model, clients, args.chars, engines)
             request_seconds = args.chars * clients / before
             level = []
             for stream in (False, True):
@@ -276,7 +283,7 @@ def main():
     print_table(rows)
     with open(args.json, "w") as f:
         json.dump({"variant": args.variant, "spin": args.spin, "engine_process": args.engine_process,
-                   "threads": args.threads, "engines": args.engines, "burst": args.burst, "chars_per_request": args.chars,
+                   "threads": args.threads, "engines": engines, "burst": args.burst, "chars_per_request": args.chars,
                    "window_seconds": args.seconds, "machine": platform.platform(), "cpus": os.cpu_count(),
                    "load_average": os.getloadavg(), "rows": rows}, f, indent=2)
 

@@ -21,6 +21,7 @@ from test_engine import random_requests  # noqa: E402
 
 import charrnn_runtime  # noqa: E402
 from charrnn_runtime.engine import Engine  # noqa: E402
+from charrnn_runtime.engine_pool import cores  # noqa: E402
 from charrnn_runtime.install import pip_install  # noqa: E402
 from charrnn_serve import cli  # noqa: E402
 from charrnn_serve.app import create_app  # noqa: E402
@@ -203,10 +204,13 @@ def test_engine_busy_is_503_with_retry_after(shipped):
         assert wait_until_idle(engine)["active_rows"] == 0
 
 
-@pytest.mark.parametrize("engines", ["1", "2"])
+@pytest.mark.parametrize("engines", [None, "1"], ids=["default-engines", "one-engine"])
 def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(engines):
-    with charrnn_serve("--drain-seconds", "60", "--engines", engines) as (server, url):
+    """Through every engine the server drains (by default two on a CPU of two cores or more)."""
+    with charrnn_serve("--drain-seconds", "60", *(["--engines", engines] if engines else [])) as (server, url):
         with httpx.Client(base_url=url, timeout=60) as client:
+            expected = int(engines or (2 if cores() >= 2 else 1))
+            assert f"charrnn_engines {expected}\n" in client.get("/metrics").text
             body = {"prompt": "ROMEO: ", "max_tokens": 1500, "stream": True, "seed": 2}
             with client.stream("POST", "/v1/completions", json=body) as response:
                 lines = response.iter_lines()

@@ -269,7 +269,7 @@ class Engine(Submitting):
         step seconds, rows stepped), gauges (active rows, waiting requests, cache bytes) and histograms."""
         with self.changed:
             return {"requests_total": dict(self.finished), **self.counters, "active_rows": self.live,
-                    "waiting_requests": self._waiting(), "max_batch": self.max_batch,
+                    "waiting_requests": self._waiting(), "max_batch": self.max_batch, "engines": 1,
                     "prefix_cache_bytes": self.cache.bytes if self.cache else 0,
                     **{name: histogram.snapshot() for name, histogram in self.histograms.items()}}
 

@@ -1,7 +1,7 @@
 """Several engines, each in a process of its own with its share of the batch (vLLM's data-parallel
 engines), behind Engine's caller API.
 
-    engine = EnginePool(charrnn_runtime.load(variant="int8", threads=1), engines=2, max_batch=256)
+    engine = EnginePool(charrnn_runtime.load(variant="int8"), engines=2, max_batch=256)
 
 One Engine's step alternates between onnxruntime, on every core it was given, and its own Python
 (sampling, accepting, regrouping the batch), on one core while the others wait; and whatever else
@@ -18,6 +18,7 @@ prefix cache's bytes are the pool's, split evenly.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from collections.abc import Sequence as Listing
 from concurrent.futures import ThreadPoolExecutor
@@ -37,10 +38,13 @@ HOMES = 4096  # prompt beginnings remembered (least recently used out first)
 
 class EnginePool(Submitting):
     """Engine's API (submit, submit_all, stream, generate, metrics, drain, close, status) over
-    `engines` EngineProcesses of `model`; `options` are Engine's, for the whole pool."""
+    `engines` EngineProcesses of `model`; `options` are Engine's, for the whole pool. Each engine
+    loads the model as `model` was loaded, with `threads` onnxruntime threads (default: the
+    threads `model` was loaded with, if it was given any, else the cores shared evenly)."""
 
     def __init__(self, model, engines: int = 2, max_batch: int = 64, max_waiting: int = 256,
-                 max_length: int = 4096, prefix_cache_bytes: int = 64 << 20, **options: Any) -> None:
+                 max_length: int = 4096, prefix_cache_bytes: int = 64 << 20, threads: int | None = None,
+                 **options: Any) -> None:
         if engines < 1:
             raise CharrnnError(f"engines must be >= 1, got {engines}", "engines")
         for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting)):
@@ -52,8 +56,9 @@ class EnginePool(Submitting):
         totals = dict(max_batch=max_batch, max_waiting=max_waiting, prefix_cache_bytes=prefix_cache_bytes)
         shares = [{name: total // engines + (i < total % engines) for name, total in totals.items()}
                   for i in range(engines)]  # exact: 3 rows over 2 engines are 2 and 1
+        threads = threads or model.arguments["threads"] or max(1, cores() // engines)
         with ThreadPoolExecutor(engines) as starting:  # each loads the model: at once
-            started = [starting.submit(EngineProcess, model, max_length=max_length, **share, **options)
+            started = [starting.submit(EngineProcess, model, max_length=max_length, threads=threads, **share, **options)
                        for share in shares]
         self.engines = [future.result() for future in started if future.exception() is None]
         failed = next((future.exception() for future in started if future.exception() is not None), None)
@@ -103,6 +108,11 @@ class EnginePool(Submitting):
     def _each(self, call) -> list:
         with ThreadPoolExecutor(max(1, len(self.engines))) as pool:
             return list(pool.map(call, self.engines))
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def add_metrics(each: list[dict[str, Any]]) -> dict[str, Any]:

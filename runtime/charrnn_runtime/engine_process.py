@@ -84,9 +84,11 @@ class MirroredRequest(Request):
 
 class EngineProcess(Submitting):
     """Engine's API (submit, submit_all, stream, generate, metrics, drain, close, status) over an
-    Engine of `model` in a child process; `options` are Engine's. Starting it loads the model there."""
+    Engine of `model` in a child process; `options` are Engine's. Starting it loads the model there,
+    as `model` was loaded, or with `threads` onnxruntime threads."""
 
-    def __init__(self, model, max_waiting: int = 256, max_length: int = 4096, **options: Any) -> None:
+    def __init__(self, model, max_waiting: int = 256, max_length: int = 4096, threads: int | None = None,
+                 **options: Any) -> None:
         if "max_chars" in options:  # Engine's deprecated name: this side needs the value too
             raise TypeError("EngineProcess() takes max_length=, not max_chars=")
         self.model, self.max_waiting, self.max_length = model, max_waiting, max_length
@@ -107,7 +109,8 @@ class EngineProcess(Submitting):
                                         pass_fds=[theirs.fileno()])
         theirs.close()
         self.conn = Connection(ours.detach())
-        self.conn.send((model.arguments, model.sha256, dict(max_waiting=max_waiting, max_length=max_length, **options)))
+        arguments = model.arguments if threads is None else {**model.arguments, "threads": threads}
+        self.conn.send((arguments, model.sha256, dict(max_waiting=max_waiting, max_length=max_length, **options)))
         try:
             started = self.conn.recv()
         except EOFError:

@@ -134,10 +134,11 @@ def origins(ctx, param, values):
 @click.option("--state-secret-file", type=click.Path(dir_okay=False), callback=lambda c, p, v: secret_file(v),
               help="The key continuation tokens (\"return_state\") are signed with, shared by every replica and "
                    "restart that should accept them; else $CHARRNN_STATE_SECRET.  [default: random per start]")
-@click.option("--engines", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--engines", type=click.IntRange(min=1), default=None,
               help="Engines, each a process with its share of the cores (unless --threads), of --max-batch and "
-                   "of --max-waiting; a request goes to the least busy. On CPU, one engine's Python overlaps "
-                   "another's model step.")
+                   "of --max-waiting; a request goes to the least busy. On CPU one engine's Python overlaps "
+                   "another's model step: more characters/s under load, a lone stream slower (one engine's "
+                   "cores).  [default: 2 on a CPU of 2 cores or more, else 1]")
 @click.option("--engine-process/--engine-in-process", default=True, show_default=True,
               help="Run the batch loop in a process of its own, so that it never waits for the HTTP side's GIL: "
                    "a gain where the cores outnumber onnxruntime's threads (see --threads), or on a GPU "
@@ -191,6 +192,7 @@ def main(model_path, host, port, variant, provider, max_batch, threads, spin, st
         note_random_secret()
     app = create_app(engine, drain_seconds=drain_seconds, security=security)
     host, port = listening.getsockname()[:2]
+    engines = engine.metrics()["engines"]
     pool = f", {engines} engines" if engines > 1 else ""
     click.echo(f"charrnn-serve: {model.path.name} ({model.variant} on {model.provider}, max batch {max_batch}{pool}) "
                f"at http://{host}:{port}/v1{' (API key required)' if security.api_keys else ''}", err=True)

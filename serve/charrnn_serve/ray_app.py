@@ -21,7 +21,7 @@ NAME = "charrnn"
 
 
 def deployment(model=None, load_options=None, engine_options=None, drain_seconds=30.0, replicas=1, security=None,
-               engines=1, engine_process=True):
+               engines=None, engine_process=True):
     """The bound Ray Serve application (pass it to serve.run); `model`: a path every node has, or None
     for each replica's packaged model; the options go to charrnn_runtime.load and Engine, and `security`
     (SecurityOptions, keys included) to each replica's create_app. engines, engine_process: each
