@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .engine import Submitting
-from .errors import CharrnnError
 from .engine_process import EngineProcess
+from .errors import CharrnnError
 from .params import SamplingParams
-from .request import Request
 from .prefill import PrefixCache
+from .request import Request
 from .state import Continuation
 
 PREFIX = PrefixCache.INTERVAL  # the first state a prompt's prefill caches on the way (shorter prompts cost little)
