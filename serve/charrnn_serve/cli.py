@@ -16,8 +16,8 @@ from .security import MIB, SecurityOptions, is_loopback, origin
 
 SECRET_ENV = "CHARRNN_STATE_SECRET"
 
-EPILOG = ("Concurrent requests share one batched step loop (up to --max-batch rows). Routes: POST "
-          "/v1/completions (OpenAI's; max_tokens and usage count characters, default max_tokens 256), "
+EPILOG = ("Concurrent requests share batched step loops (--engines, up to --max-batch rows in all). Routes: "
+          "POST /v1/completions (OpenAI's; max_tokens and usage count characters, default max_tokens 256), "
           "POST /tokenize and /detokenize (vLLM's), GET /v1/models, /health (503 while draining or failed), "
           "/metrics (Prometheus). SIGTERM or Ctrl-C drains: requests in flight "
           "finish (up to --drain-seconds), new ones get 503, then the server exits with code 0. With --ray "
