@@ -333,10 +333,10 @@ def test_a_pool_spreads_requests_over_its_engines_and_adds_up_their_metrics(mode
     requests = random_requests(model, 16, seed=3)
     with EnginePool(model, engines=2, max_batch=16) as pool:
         handles = [pool.submit(p, n, **s) for p, n, s in requests]
-        assert [engine.in_flight() for engine in pool.engines] == [8, 8]
         assert [h.result(timeout=60).text for h in handles] == [model.generate(p, n, **s) for p, n, s in requests]
         each, total = [engine.metrics() for engine in pool.engines], pool.metrics()
-    assert [m["max_batch"] for m in each] == [8, 8] and total["max_batch"] == 16
+    assert [m["max_batch"] for m in each] == [8, 8] and total["max_batch"] == 16 and total["engines"] == 2
+    assert all(sum(m["requests_total"].values()) >= 4 for m in each)  # 8 each, unless one ended while submitting
     for name in ("generated_chars_total", "steps_total", "batch_rows_sum"):
         assert total[name] == sum(m[name] for m in each) > 0
     assert sum(total["requests_total"].values()) == 16
