@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import charrnn_runtime
-from charrnn_runtime import CharrnnError
+from charrnn_runtime import CharrnnError, SamplingParams
 from charrnn_runtime.engine import Completion, Engine, EngineBusy
 from charrnn_runtime.engine_pool import EnginePool
 from charrnn_runtime.engine_process import EngineProcess
@@ -367,6 +367,24 @@ def test_a_pool_serves_on_when_one_engine_dies(model):
         assert pool.status == "failed"  # a balancer routes elsewhere; meanwhile the other engine serves
         assert pool.submit("", 20, seed=1).result(timeout=10).text == model.generate("", 20, seed=1)
         running[1].cancel()
+
+
+def test_a_pool_bounds_the_requests_waiting_in_all_its_engines(model):
+    """max_waiting is the pool's, as one engine's: n choices that fit it are queued (on one engine),
+    one more request is refused and counted."""
+    with EnginePool(model, engines=2, max_batch=2, max_waiting=4, max_length=100_000) as pool:
+        running = [pool.submit("", 100_000, seed=i) for i in range(2)]  # a row of each engine
+        while pool.metrics()["active_rows"] < 2:
+            time.sleep(0.001)
+        queued = pool.submit_all("", [SamplingParams(length=5, seed=i) for i in range(4)])
+        with pytest.raises(EngineBusy, match="busy: 4 requests already waiting"):
+            pool.submit("", 5)
+        with pytest.raises(CharrnnError, match="length must be") as bad:  # a bad request is refused as such
+            pool.submit("", 10**9)
+        assert not isinstance(bad.value, EngineBusy) and pool.metrics()["requests_rejected_total"] == 1
+        for request in running:
+            request.cancel()
+        assert [q.result(timeout=30).text for q in queued] == [model.generate("", 5, seed=i) for i in range(4)]
 
 
 def test_a_pool_refuses_bad_options_at_once(model):

@@ -11,8 +11,9 @@ back only that one. Each submission goes to the live engine with the fewest requ
 its choices together (their prompt is fed once); but each engine has its own prefix cache, so a
 prompt whose first PREFIX characters were sent before goes where they went (their state is cached
 there) unless that engine has a quarter of its rows more in flight than the least busy. A
-continuation may go to any engine (its state is in the token). max_batch, max_waiting and the
-prefix cache's bytes are the pool's, split evenly.
+continuation may go to any engine (its state is in the token). max_batch and the prefix cache's
+bytes are the pool's, split evenly; max_waiting bounds the requests waiting in all engines, as one
+engine's (so n choices that one engine would queue, the pool queues too).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Sequence as Listing
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .engine import Submitting
+from .engine import EngineBusy, Submitting
 from .engine_process import EngineProcess
 from .errors import CharrnnError
 from .params import SamplingParams
@@ -47,19 +48,18 @@ class EnginePool(Submitting):
                  **options: Any) -> None:
         if engines < 1:
             raise CharrnnError(f"engines must be >= 1, got {engines}", "engines")
-        for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting)):
-            if value < engines:
-                raise CharrnnError(f"{name} must be >= engines ({engines}): each engine takes a share, got {value}",
-                                   name)
+        if max_batch < engines:
+            raise CharrnnError(f"max_batch must be >= engines ({engines}): each engine takes a share, got {max_batch}",
+                               "max_batch")
         self.model, self.max_waiting, self.max_length = model, max_waiting, max_length
         self.identity = model.sha256, model.variant
-        totals = dict(max_batch=max_batch, max_waiting=max_waiting, prefix_cache_bytes=prefix_cache_bytes)
+        totals = dict(max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
         shares = [{name: total // engines + (i < total % engines) for name, total in totals.items()}
                   for i in range(engines)]  # exact: 3 rows over 2 engines are 2 and 1
         threads = threads or model.arguments["threads"] or max(1, cores() // engines)
         with ThreadPoolExecutor(engines) as starting:  # each loads the model: at once
-            started = [starting.submit(EngineProcess, model, max_length=max_length, threads=threads, **share, **options)
-                       for share in shares]
+            started = [starting.submit(EngineProcess, model, max_waiting=max_waiting, max_length=max_length,
+                                       threads=threads, **share, **options) for share in shares]
         self.engines = [future.result() for future in started if future.exception() is None]
         failed = next((future.exception() for future in started if future.exception() is not None), None)
         if failed is not None:
@@ -67,7 +67,8 @@ class EnginePool(Submitting):
             raise failed
         self.slack = max(1, max_batch // engines // 4)  # a quarter of an engine's rows
         self.homes: collections.OrderedDict[str, EngineProcess] = collections.OrderedDict()  # prompt head → engine
-        self.lock = threading.Lock()
+        self.rejected = 0  # refused here (each engine counts its own)
+        self.lock = threading.Lock()  # routing and the queue's bound, one submission at a time
 
     @property
     def status(self) -> str:
@@ -77,26 +78,33 @@ class EnginePool(Submitting):
 
     def submit_all(self, prompt: str, params: Listing[SamplingParams],
                    continuation: Continuation | None = None) -> list[Request]:
-        return self._route(prompt).submit_all(prompt, params, continuation)
+        self._checked(prompt, params, continuation)  # a bad request is refused as such, even when busy
+        with self.lock:
+            waiting = sum(engine.waiting() for engine in self.engines)
+            if waiting + len(params) > self.max_waiting:
+                self.rejected += len(params)
+                raise EngineBusy(f"busy: {waiting} requests already waiting for a row")
+            return self._route(prompt).submit_all(prompt, params, continuation)
 
     def _route(self, prompt: str) -> EngineProcess:
+        """The engine for `prompt` (with the lock held)."""
         live = [engine for engine in self.engines if engine.failure is None] or self.engines  # (then it refuses)
         engine = min(live, key=EngineProcess.in_flight)
         if len(prompt) < PREFIX:
             return engine
-        with self.lock:
-            home = self.homes.get(prompt[:PREFIX])
-            if home in live and home.in_flight() <= engine.in_flight() + self.slack:
-                engine = home
-            self.homes[prompt[:PREFIX]] = engine
-            self.homes.move_to_end(prompt[:PREFIX])
-            if len(self.homes) > HOMES:
-                self.homes.popitem(last=False)
+        home = self.homes.get(prompt[:PREFIX])
+        if home in live and home.in_flight() <= engine.in_flight() + self.slack:
+            engine = home
+        self.homes[prompt[:PREFIX]] = engine
+        self.homes.move_to_end(prompt[:PREFIX])
+        if len(self.homes) > HOMES:
+            self.homes.popitem(last=False)
         return engine
 
     def metrics(self) -> dict[str, Any]:
-        """The engines' metrics added up (counters, gauges, histograms)."""
-        return add_metrics([engine.metrics() for engine in self.engines])
+        """The engines' metrics added up (counters, gauges, histograms), with the refusals counted here."""
+        total = add_metrics([engine.metrics() for engine in self.engines])
+        return {**total, "requests_rejected_total": total["requests_rejected_total"] + self.rejected}
 
     def drain(self, timeout: float) -> bool:
         """Every engine drains at once; True when all finished in time."""

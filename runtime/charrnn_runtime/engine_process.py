@@ -178,6 +178,10 @@ class EngineProcess(Submitting):
         """Requests submitted and not finished (EnginePool sends the next submission to the engine with fewest)."""
         return len(self.requests)
 
+    def waiting(self) -> int:
+        """Requests waiting for their prefill or a row, as counted here (EnginePool bounds their sum)."""
+        return len(self.unadmitted)
+
     def _stop_accepting(self) -> None:
         with self.sending:  # after any submit being sent now
             self.accepting = False

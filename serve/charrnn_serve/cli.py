@@ -135,8 +135,8 @@ def origins(ctx, param, values):
               help="The key continuation tokens (\"return_state\") are signed with, shared by every replica and "
                    "restart that should accept them; else $CHARRNN_STATE_SECRET.  [default: random per start]")
 @click.option("--engines", type=click.IntRange(min=1), default=None,
-              help="Engines, each a process with its share of the cores (unless --threads), of --max-batch and "
-                   "of --max-waiting; a request goes to the least busy. On CPU one engine's Python overlaps "
+              help="Engines, each a process with its share of the cores (unless --threads) and of --max-batch; "
+                   "a request goes to the least busy. On CPU one engine's Python overlaps "
                    "another's model step: more characters/s under load, a lone stream slower (one engine's "
                    "cores).  [default: 2 on a CPU of 2 cores or more, else 1]")
 @click.option("--engine-process/--engine-in-process", default=True, show_default=True,

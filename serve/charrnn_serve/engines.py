@@ -11,7 +11,7 @@ from charrnn_runtime.errors import CharrnnError
 def start_engine(model_path, load_options: dict, engine_options: dict, engines: int | None = None,
                  engine_process: bool = True):
     """`engines` > 1: an EnginePool (each engine with an even share of the cores, unless load_options
-    sets threads, of the batch and of the queue); 1: one engine, in its own process or this one.
+    sets threads, and of the batch); 1: one engine, in its own process or this one.
     None: two on a CPU of two cores or more (in their own processes), else one."""
     if engines is not None and engines > 1 and not engine_process:
         raise CharrnnError("more than one engine needs --engine-process (in one process they take turns at the GIL)",
