@@ -62,10 +62,11 @@ def in_engine(model, clients, chars, engines, rounds=3):
     rounds × clients requests at once so that a freed row takes the next at once; with `engines` > 1
     as the server's pool: an EnginePool, or below one client per engine, one of its engines (its
     share of the cores)."""
-    if engines > 1:
-        model = charrnn_runtime.load(variant=model.variant, provider="cpu", threads=max(1, cores() // engines))
-    if clients >= engines > 1:
+    if clients >= engines > 1:  # (each engine loads the model with its share of the cores)
         engine = EnginePool(model, engines, max_batch=clients, max_waiting=rounds * clients)
+    elif engines > 1:
+        one = charrnn_runtime.load(variant=model.variant, provider="cpu", threads=max(1, cores() // engines))
+        engine = Engine(one, max_batch=clients, max_waiting=rounds * clients)
     else:
         engine = Engine(model, max_batch=clients, max_waiting=rounds * clients)
     with engine:

@@ -71,6 +71,15 @@ class EnginePool(Submitting):
         self.lock = threading.Lock()  # routing and the queue's bound, one submission at a time
 
     @property
+    def accepting(self) -> bool:  # Submitting's: drain and close stop every engine at once (a dead one stops alone)
+        return all(engine.accepting for engine in self.engines if engine.failure is None)
+
+    @property
+    def failure(self) -> str | None:  # Submitting's, for refusals: only once no engine is left to serve
+        failures = [engine.failure for engine in self.engines]
+        return failures[0] if None not in failures else None
+
+    @property
     def status(self) -> str:
         """"failed" if an engine failed (its requests did; the others serve on), else the engines' status."""
         statuses = {engine.status for engine in self.engines}
@@ -80,10 +89,10 @@ class EnginePool(Submitting):
                    continuation: Continuation | None = None) -> list[Request]:
         self._checked(prompt, params, continuation)  # a bad request is refused as such, even when busy
         with self.lock:
-            waiting = sum(engine.waiting() for engine in self.engines)
-            if waiting + len(params) > self.max_waiting:
+            refusal = self._refusal(sum(engine.waiting() for engine in self.engines), len(params))
+            if refusal:
                 self.rejected += len(params)
-                raise EngineBusy(f"busy: {waiting} requests already waiting for a row")
+                raise EngineBusy(refusal)
             return self._route(prompt).submit_all(prompt, params, continuation)
 
     def _route(self, prompt: str) -> EngineProcess:
