@@ -24,7 +24,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 
 # everything: training/export (TensorFlow, tf2onnx, onnx) and the test tools
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(EDITABLE_INSTALL) '.[cpu,train,test]'
+	$(EDITABLE_INSTALL) '.[cpu,train,test,jax]'
 	touch $@ $(VENV)/.runtime
 
 generate: $(VENV)/.runtime  ## 1,000 characters from the shipped Shakespeare model

@@ -320,12 +320,15 @@ def test_cli_prints_no_tensorflow_log_lines_without_verbose(tmp_path, tiny_corpu
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_other_keras_backends_train_and_export_under_tensorflow(backend, tmp_path, tiny_corpus):
+    """Training's own layers (projected loop, weight drop) and the EMA under JAX (`make test` installs it:
+    [jax]) and torch (where installed); the run still loads in TensorFlow for export."""
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
     from charrnn_export.export import Source, export
 
     command = [sys.executable, "-m", "charrnn_train", "--corpus", str(tiny_corpus), "--out", str(tmp_path / "run"),
-               "--epochs", "1", "--batch-size", "8", "--seq-length", "24", "--units", "16", "--embedding-dim", "4"]
+               "--epochs", "1", "--batch-size", "8", "--seq-length", "24", "--units", "16", "--embedding-dim", "4",
+               "--layers", "2", "--dropout", "0.2", "--weight-drop", "0.3", "--weight-decay", "0.1", "--average", "ema"]
     result = subprocess.run(command, env={**os.environ, "KERAS_BACKEND": backend}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["keras_backend"] == backend

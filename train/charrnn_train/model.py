@@ -67,8 +67,10 @@ class ProjectedInputs:
 class ProjectedGRU(ProjectedInputs, keras.layers.GRU):
     def _parent_loop(self):
         cell = self.cell
+        # Only TensorFlow's check knows reset_after (the other backends' fused GRU assumes it).
+        reset_after = {"reset_after": cell.reset_after} if keras.backend.backend() == "tensorflow" else {}
         return not cell.reset_after or self.use_cudnn is not False and keras_backend.cudnn_ok(
-            cell.activation, cell.recurrent_activation, self.unroll, cell.use_bias, reset_after=cell.reset_after)
+            cell.activation, cell.recurrent_activation, self.unroll, cell.use_bias, **reset_after)
 
     def _input_bias(self):
         return self.cell.bias[0]  # reset_after: the input bias, then the recurrent one
