@@ -114,6 +114,9 @@ ABLATION_no-weight-decay = --weight-decay 0
 ABLATION_no-average = --average none
 ABLATION_with-embedding-dropout = --embedding-dropout 0.1
 ABLATION_seed-2 = --seed 2
+# A misspelt name would train the recipe itself under another name: refused before anything runs.
+$(foreach goal,$(filter ablation-%,$(MAKECMDGOALS)),$(if $(ABLATION_$(goal:ablation-%=%)),,\
+	$(error no $(goal): one of $(sort $(patsubst ABLATION_%,ablation-%,$(filter ABLATION_%,$(.VARIABLES)))))))
 ablation-%: $(VENV)/.dev
 	$(call train_export_score,shakespeare-gru2x512-awd-$*,$(GRU2X512_AWD) $(ABLATION_$*))
 
