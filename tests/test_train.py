@@ -335,6 +335,17 @@ def test_other_keras_backends_train_and_export_under_tensorflow(backend, tmp_pat
     export(Source(tmp_path / "run"), tmp_path / "bundle", log=lambda line: None)  # loads in TensorFlow
 
 
+def test_a_keras_backend_not_installed_is_one_line_naming_it(tmp_path, tiny_corpus):
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("torch is installed")
+    command = [sys.executable, "-m", "charrnn_train", "--corpus", str(tiny_corpus), "--out", str(tmp_path / "run"),
+               "--batch-size", "8", "--seq-length", "24"]
+    result = subprocess.run(command, env={**os.environ, "KERAS_BACKEND": "torch"}, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "Error: charrnn-train under KERAS_BACKEND=torch needs torch installed"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_validation_split_must_hold_a_whole_sequence():
     from charrnn_train.data import CorpusError, check_length
 

@@ -1,12 +1,13 @@
 """charrnn-train: train the report's character GRU on any UTF-8 text."""
 
+import os
 import sys
 import time
 
 import click
 
 from charrnn_runtime import __version__
-from charrnn_runtime.command import Command, cli_errors, quiet_tensorflow, require_extra
+from charrnn_runtime.command import BadInput, Command, cli_errors, quiet_tensorflow, require_extra
 
 from .config import Config, Run, check_new_run
 
@@ -79,7 +80,12 @@ def main(corpus, out, resume, verbose, **options):
     try:
         with quiet_tensorflow(verbose):
             from . import train as training
-    except ImportError:
+    except ImportError as error:
+        backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+        if backend == "jax" and error.name in ("jax", "jaxlib"):
+            require_extra("jax", "charrnn-train under KERAS_BACKEND=jax")
+        if backend != "tensorflow" and error.name == backend:
+            raise BadInput(f"charrnn-train under KERAS_BACKEND={backend} needs {backend} installed") from None
         require_extra("train", "charrnn-train")
     with cli_errors():
         if not resume:
