@@ -16,7 +16,8 @@ HELP = """Train a character-level GRU or LSTM network on any UTF-8 text.
 Defaults reproduce the report: Tiny Shakespeare, Embedding(256) → GRU(1024) → Dense, sequences of
 100, shuffle buffer 10,000, batch 64 (172 steps per epoch), Adam, 10 epochs. Every epoch writes a
 checkpoint; a killed run continues with --resume RUN_DIR. With --validation-fraction the run's
-model is the epoch with the best validation loss."""
+model is the epoch with the best validation loss. KERAS_BACKEND=jax (the [jax] extra) trains under
+JAX, whose compiled step was about twice as fast on a 2-core CPU (benchmarks/train_speed.py)."""
 
 
 @click.command(cls=Command, help=HELP)
