@@ -271,8 +271,9 @@ def test_each_ablation_in_the_makefile_changes_one_setting_of_the_recipe():
 def test_a_misspelt_ablation_is_refused_before_anything_runs():
     """`make ablation-<typo>` would otherwise train the recipe itself into runs/...-<typo>."""
     root = Path(__file__).resolve().parents[1]
-    refused = subprocess.run(["make", "-n", "ablation-no-weight-dorp"], cwd=root, capture_output=True, text=True)
+    make = ["make", "--no-print-directory", "-n"]  # (under `make test`, make would name the directory)
+    refused = subprocess.run([*make, "ablation-no-weight-dorp"], cwd=root, capture_output=True, text=True)
     assert refused.returncode != 0 and "no ablation-no-weight-dorp: one of" in refused.stderr
     assert "ablation-no-weight-drop" in refused.stderr and refused.stdout == ""
-    planned = subprocess.run(["make", "-n", "ablation-no-weight-drop"], cwd=root, capture_output=True, text=True)
+    planned = subprocess.run([*make, "ablation-no-weight-drop"], cwd=root, capture_output=True, text=True)
     assert planned.returncode == 0 and "--weight-drop 0" in planned.stdout

@@ -5,7 +5,7 @@ projection of the layers above the first (the first layer's is a table lookup) a
 A hidden state lies in [-1, 1] by construction (a GRU's mixes tanh values with the previous state,
 starting from zeros; an LSTM's is sigmoid · tanh), so its range need not be measured: each value is
 quantized on its own, x → round(127 · x) + 128 as uint8 (QuantizeLinear, scale 1/127; float rounding
-past ±1 saturates). The weights are int8 per output column (symmetric, scale max|w| / 127), and one
+past ±1 saturates). The weights are int8 per output column (symmetric, scale max|w| / 63), and one
 com.microsoft MatMulIntegerToFloat (onnxruntime >= 1.14, CPU) multiplies, scales and adds the bias.
 
 Bundles exported before this used onnxruntime's dynamic quantization, which takes one activation
@@ -24,6 +24,11 @@ from onnx import helper, numpy_helper
 from . import loop, validate
 
 ACTIVATION_SCALE, ACTIVATION_ZERO_POINT = 1 / 127, 128
+# Weights in [-63, 63] (7 bits, onnxruntime's reduce_range): on x86 CPUs without VNNI, onnxruntime's
+# uint8 × int8 kernel adds pairs of products in int16 (VPMADDUBSW), which saturates past 32,767:
+# 255 · 127 · 2 would, 255 · 63 · 2 does not. With 8-bit weights an AVX2-only host lost +0.01 bits/char
+# where a VNNI host lost +0.0006, and their int8 texts differed; with 7 bits every host computes the same.
+WEIGHT_MAX = 63
 COST_LIMIT = 0.01  # bits/char the int8 variant may lose against fp32 on the validation text
 MS_DOMAIN = "com.microsoft"
 
@@ -52,7 +57,7 @@ def quantize_int8(cell):
             continue
         name, output = node.input[1], node.output[0]
         bias_add = _bias_add(consumers.get(output, []), output, weights, weight.shape[1])
-        column_scale = np.abs(weight).max(axis=0) / 127
+        column_scale = np.abs(weight).max(axis=0) / WEIGHT_MAX
         column_scale[column_scale == 0] = 1
         added += [numpy_helper.from_array(np.rint(weight / column_scale).astype(np.int8), f"{name}/int8"),
                   numpy_helper.from_array(column_scale.astype(np.float32), f"{name}/int8_scale")]
@@ -97,7 +102,7 @@ def int8_variant(fp32_cell, ids, spec, held_out, tolerance=validate.TOLERANCE, l
     cell = quantize_int8(fp32_cell)
     fp32, int8 = (validate.onnx_step(validate.cpu_session(m.SerializeToString()), spec) for m in (fp32_cell, cell))
     record = {**cost(fp32, int8, ids, spec), "rows": rows_alone(int8, ids, spec),
-              "quantization": "int8 weights per column; activations (hidden states, in [-1, 1]) at the fixed "
+              "quantization": "int8 weights per column in [-63, 63]; activations (hidden states, in [-1, 1]) at the fixed "
                               "scale 1/127, so rows are independent"}
     log(f"int8         bits/char {record['bits_per_char']:.4f}, cost {record['cost_bits_per_char']:+.4f} vs fp32 "
         f"(limit {COST_LIMIT}, held-out: {held_out}); max |Δlogit| vs fp32 {record['max_abs_logit_diff']:.2e}; "
