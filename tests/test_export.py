@@ -323,3 +323,34 @@ def test_bare_keras_model_needs_validation_text(tiny_bundle, tmp_path):
     shutil.copy(tiny_bundle / "training" / "model.keras", tmp_path / "model.keras")
     shutil.copy(tiny_bundle / "training" / "vocab.json", tmp_path / "vocab.json")
     assert_one_line_error(_export_cli([tmp_path / "model.keras", tmp_path / "out"]), "--validation-text")
+
+
+def test_int8_matmuls_compute_exact_integer_sums_on_any_cpu():
+    """Hidden states at ±1 (uint8 0 and 255) against each column's largest weights: the worst case for
+    onnxruntime's uint8 × int8 kernel on CPUs without VNNI, whose 16-bit pair sums saturated with 8-bit
+    weights. The quantized graph must give the exact integer arithmetic on whatever CPU runs the test."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from charrnn_export.quantize import ACTIVATION_SCALE, ACTIVATION_ZERO_POINT, quantize_int8
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(512, 96)).astype(np.float32)
+    weight[:, :48] = np.abs(weight[:, :48])  # columns whose products all add up with one sign
+    bias = rng.normal(size=96).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "cell",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 96])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    cell = quantize_int8(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.stack([np.ones(512), -np.ones(512), np.sign(rng.normal(size=512)), rng.uniform(-1, 1, 512)]).astype(np.float32)
+    got = ort.InferenceSession(cell.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    weights = {i.name: numpy_helper.to_array(i) for i in cell.graph.initializer}
+    quantized, scale = weights["w/int8"].astype(np.int64), weights["w/int8_scale"].astype(np.float64)
+    assert np.abs(quantized).max() <= 63
+    inputs = np.clip(np.rint(x / ACTIVATION_SCALE) + ACTIVATION_ZERO_POINT, 0, 255).astype(np.int64)
+    exact = (inputs - ACTIVATION_ZERO_POINT) @ quantized * ACTIVATION_SCALE * scale + bias
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
