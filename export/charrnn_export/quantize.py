@@ -102,8 +102,8 @@ def int8_variant(fp32_cell, ids, spec, held_out, tolerance=validate.TOLERANCE, l
     cell = quantize_int8(fp32_cell)
     fp32, int8 = (validate.onnx_step(validate.cpu_session(m.SerializeToString()), spec) for m in (fp32_cell, cell))
     record = {**cost(fp32, int8, ids, spec), "rows": rows_alone(int8, ids, spec),
-              "quantization": "int8 weights per column in [-63, 63]; activations (hidden states, in [-1, 1]) at the fixed "
-                              "scale 1/127, so rows are independent"}
+              "quantization": f"int8 weights per column in [-{WEIGHT_MAX}, {WEIGHT_MAX}]; activations (hidden states, "
+                              "in [-1, 1]) at the fixed scale 1/127, so rows are independent"}
     log(f"int8         bits/char {record['bits_per_char']:.4f}, cost {record['cost_bits_per_char']:+.4f} vs fp32 "
         f"(limit {COST_LIMIT}, held-out: {held_out}); max |Δlogit| vs fp32 {record['max_abs_logit_diff']:.2e}; "
         f"rows stepped together = alone (max abs diff {record['rows']['max_abs_diff']:.1e})")
