@@ -27,7 +27,9 @@ def load(path):
     """The run's records (charrnn_train's Run: config, history, when it stopped) as a dict, with
     quality.json and checkpoint_loss.json where present."""
     run = Run.open(path)
-    record = {"name": run.path.name, "config": dataclasses.asdict(run.config), "history": run.history,
+    backend = json.loads(run.config_file.read_text())["keras_backend"]
+    record = {"name": run.path.name, "config": {**dataclasses.asdict(run.config), "keras_backend": backend},
+              "history": run.history,
               "best": run.history[run.best_epoch - 1], "finished": run.finished, "stopped_early": run.stopped_early}
     for extra in ("quality", "checkpoint_loss"):
         if (run.path / f"{extra}.json").exists():
@@ -39,6 +41,7 @@ AVERAGE_SETTINGS = {"average_start", "ema_decay"}  # moot in a run without an av
 
 
 def changes(config, recipe):
+    """What a run's config changes from the recipe's; the Keras backend too (same maths, other random streams)."""
     moot = IGNORED | (AVERAGE_SETTINGS if config.get("average") == "none" else set())
     return ", ".join(f"{key} {config[key]}" for key in config if key not in moot and config[key] != recipe.get(key)) \
         or "none (another run)"

@@ -69,7 +69,8 @@ def plot(runs, out):
               Line2D([], [], color="grey", linestyle="--", label="validation, not averaged")]
     ax.legend(handles=styles, fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0))
     fig.subplots_adjust(left=0.08, right=0.66, bottom=0.11, top=0.97)  # the legends sit right of the axes
-    fig.savefig(out, dpi=100)
+    # long run names widen the figure rather than lose their ends
+    fig.savefig(out, dpi=100, bbox_inches="tight", bbox_extra_artists=[runs_legend])
     plt.close(fig)
 
 
