@@ -27,8 +27,7 @@ def load(path):
     """The run's records (charrnn_train's Run: config, history, when it stopped) as a dict, with
     quality.json and checkpoint_loss.json where present."""
     run = Run.open(path)
-    backend = json.loads(run.config_file.read_text())["keras_backend"]
-    record = {"name": run.path.name, "config": {**dataclasses.asdict(run.config), "keras_backend": backend},
+    record = {"name": run.path.name, "config": {**dataclasses.asdict(run.config), "keras_backend": run.keras_backend},
               "history": run.history,
               "best": run.history[run.best_epoch - 1], "finished": run.finished, "stopped_early": run.stopped_early}
     for extra in ("quality", "checkpoint_loss"):
@@ -41,7 +40,8 @@ AVERAGE_SETTINGS = {"average_start", "ema_decay"}  # moot in a run without an av
 
 
 def changes(config, recipe):
-    """What a run's config changes from the recipe's; the Keras backend too (same maths, other random streams)."""
+    """What a run's config (with the Keras backend that trained it: same maths, other random streams)
+    changes from the recipe's."""
     moot = IGNORED | (AVERAGE_SETTINGS if config.get("average") == "none" else set())
     return ", ".join(f"{key} {config[key]}" for key in config if key not in moot and config[key] != recipe.get(key)) \
         or "none (another run)"

@@ -107,6 +107,7 @@ class Run:
         try:
             meta = json.loads(run.config_file.read_text())
             run.config, run.corpus_sha256 = Config(**meta["config"]), meta["corpus_sha256"]
+            run.keras_backend = meta.get("keras_backend")  # what trained it (runs before the field: TensorFlow)
             run.vocab = json.loads(run.vocab_file.read_text())
             run.history = json.loads(run.history_file.read_text())
         except (ValueError, TypeError, KeyError) as e:
