@@ -282,7 +282,7 @@ def test_the_round_2_curves_and_figures_come_from_committed_records(tmp_path):
     plot = tmp_path / "curves.png"
     round2 = ROOT / "benchmarks" / "round2"
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curves.py"),
-                            str(ROOT / "models" / "shakespeare-gru2x512" / "training"),
+                            str(ROOT / "benchmarks" / "round1" / "shakespeare-gru2x512"),
                             str(round2 / "shakespeare-gru2x512-awd"), str(round2 / "shakespeare-gru2x512-awd-no-weight-drop"),
                             "--out", str(plot)], capture_output=True, text=True, check=True).stdout
     assert plot.stat().st_size > 10_000

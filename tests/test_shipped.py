@@ -125,4 +125,4 @@ def test_the_stacked_gru_meets_the_held_out_target_under_nanogpts_protocol():
     held_out = text[held_out_start(len(text), 0.1):]
     assert len(held_out) == 111_539
     loss = charrnn_runtime.load(STACKED, provider="cpu").score(held_out, window=256)["loss"]
-    assert loss <= 1.45 and loss == pytest.approx(1.4467, abs=5e-5)
+    assert loss <= 1.45 and loss == pytest.approx(1.4417, abs=5e-5)
