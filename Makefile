@@ -105,8 +105,8 @@ shakespeare-gru3x512-awd-20-seed-2: $(VENV)/.dev
 	$(call train_export_score,$@,$(GRU3X512_AWD_20) --seed 2,models/shakespeare-gru2x512)
 
 # The best run within the budget (the round-2 recipe without locked dropout, 1.4422 held out) with another
-# seed: whether its lead over the shipped bundle is more than the spread between seeds. It is (1.4436 against
-# seed 42's 1.4422 and the shipped 1.4467, README), but this seed took 124 min (under JAX, on a slower host).
+# seed: whether its lead over round 1's bundle is more than the spread between seeds. It is (1.4436 against
+# seed 42's 1.4422 and round 1's 1.4467, README), but this seed took 124 min (under JAX, on a slower host).
 GRU2X512_AWD_PLAIN_DROPOUT = $(GRU2X512_AWD) --no-locked-dropout
 shakespeare-gru2x512-awd-no-locked-dropout-seed-2: $(VENV)/.dev
 	$(call train_export_score,$@,$(GRU2X512_AWD_PLAIN_DROPOUT) --seed 2,models/shakespeare-gru2x512)
