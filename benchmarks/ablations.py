@@ -2,8 +2,8 @@
 
     python benchmarks/ablations.py benchmarks/round2/shakespeare-gru2x512-awd benchmarks/round2/*-no-*
 
-The first run is the recipe; every other run is named by what its config changes from it (same
-schedule and budget). Figures per run: the validation loss of what it exports (its best epoch; the
+The first run is the recipe; every other run is named by what its config changes from it (its
+length in epochs included: the cosine schedule spans the run, so fewer epochs anneal sooner). Figures per run: the validation loss of what it exports (its best epoch; the
 EMA weights, where it averages); the best validation loss of its trained weights not averaged
 (`trained_val_loss` in history.json, or checkpoint_loss.json from `benchmarks/checkpoint_loss.py` for
 runs made before history recorded it), which is what the same run without averaging would have
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from charrnn_train.config import Run
 
-IGNORED = {"corpus", "epochs"}  # where the corpus lay on the machine that trained; the schedule's length
+IGNORED = {"corpus"}  # where the corpus lay on the machine that trained
 
 
 def load(path):
