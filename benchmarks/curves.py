@@ -50,10 +50,12 @@ def plot(runs, out):
     from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
+    tab20 = plt.get_cmap("tab20").colors
+    colors = tab20[0::2] + tab20[1::2]  # the ten strong colours, then their light shades (and square markers)
     for i, (name, history) in enumerate(runs):
-        color = f"C{i}"
+        color, marker = colors[i % 20], "os"[i // 10 % 2]
         epochs = [r["epoch"] for r in history]
-        ax.plot(epochs, [r["val_loss"] for r in history], color=color, marker="o", markersize=3, label=name)
+        ax.plot(epochs, [r["val_loss"] for r in history], color=color, marker=marker, markersize=3, label=name)
         ax.plot(epochs, [r["loss"] for r in history], color=color, linestyle=":")
         trained = [(r["epoch"], r["trained_val_loss"]) for r in history if "trained_val_loss" in r]
         if trained:
