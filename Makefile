@@ -60,7 +60,7 @@ define train_export_score
 	$(BIN)/python benchmarks/quality.py runs/$(1)/bundle $(3) --out runs/$(1)/quality.json
 endef
 
-# The second shipped bundle: the best network these 2 cores trained in at most 2 hours, on the first
+# The second shipped bundle: the best recipe these 2 cores trained in at most 2 hours, on the first
 # 90% of Tiny Shakespeare (the last 10% held out, as nanoGPT's char-level baseline splits it): round 2's
 # recipe cut to the budget (shakespeare-gru2x512-awd-budget below, which also scores it), exported and sampled.
 shipped-model-gru2x512: $(VENV)/.dev

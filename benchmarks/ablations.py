@@ -3,8 +3,9 @@
     python benchmarks/ablations.py benchmarks/round2/shakespeare-gru2x512-awd benchmarks/round2/*-no-*
 
 The first run is the recipe; every other run is named by what its config changes from it (its
-length in epochs included: the cosine schedule spans the run, so fewer epochs anneal sooner). Figures per run: the validation loss of what it exports (its best epoch; the
-EMA weights, where it averages); the best validation loss of its trained weights not averaged
+length in epochs included: the cosine schedule spans the run, so fewer epochs anneal sooner).
+Figures per run: the validation loss of what it exports (its best epoch; the EMA weights, where it
+averages); the best validation loss of its trained weights not averaged
 (`trained_val_loss` in history.json, or checkpoint_loss.json from `benchmarks/checkpoint_loss.py` for
 runs made before history recorded it), which is what the same run without averaging would have
 exported, since the average only watches the training (so that ablation needs no run of its own);
